@@ -1,0 +1,1 @@
+"""The `stampd` command line."""

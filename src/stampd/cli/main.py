@@ -1,0 +1,31 @@
+"""Entry point: one click group; every StampdError is presented once, here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from stampd.errors import StampdError
+
+
+@click.group()
+@click.version_option(package_name="stampd")
+def cli() -> None:
+    """stampd: an RFC 3161 Time-Stamping Authority, its client and its verifier."""
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except StampdError as e:
+        click.echo(f"stampd: error: {e}", err=True)
+        sys.exit(2)
