@@ -38,6 +38,8 @@ class PKIError(StampdError):
 class ParseError(StampdError):
     """Bytes that are not a well-formed structure of the expected type (a request body answers HTTP 400)."""
 
+    http_status = 400
+
 
 # --- Rejections: a well-formed request that cannot be granted gets a DER rejection with one failure bit ---
 

@@ -29,3 +29,13 @@ def main() -> None:
     except StampdError as e:
         click.echo(f"stampd: error: {e}", err=True)
         sys.exit(2)
+
+
+from stampd.cli import init as _init  # noqa: E402
+
+cli.add_command(_init.command)
+from stampd.cli import serve as _serve  # noqa: E402
+from stampd.cli import tokens as _tokens  # noqa: E402
+
+cli.add_command(_serve.command)
+cli.add_command(_tokens.command)

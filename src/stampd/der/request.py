@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from asn1crypto import core, tsp
 
-from stampd.der.encoding import NULL_VALUE, BOOLEAN, algorithm_identifier, integer, octet_string, oid, sequence, tlv
+from stampd.der.encoding import (
+    BOOLEAN,
+    NULL_VALUE,
+    algorithm_identifier,
+    integer,
+    octet_string,
+    oid,
+    sequence,
+    tlv,
+)
 from stampd.errors import ParseError
 from stampd.model import MessageImprint, TimeStampRequest
 

@@ -1,0 +1,157 @@
+"""Composition root: configuration -> adapters -> core -> server. The only module that wires them together.
+
+Start-up fails closed (SPEC CRT-07, OPS-06): no TSU serves before its key, certificate profile and chain are
+checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from stampd.certprofile import key_matches_certificate, tsu_certificate_problems
+from stampd.clock.system import SystemClock
+from stampd.config import CONFIG_ENV, Config, TsuConfig, config_path, load_config
+from stampd.der.token import GenTimeFormatter, TokenTemplate
+from stampd.errors import ConfigError, PKIError
+from stampd.issuance import TimeStampingUnit
+from stampd.policy import IssuancePolicy
+from stampd.records.store import RecordStore
+from stampd.serials import RandomSerialSource
+from stampd.server.asgi import TimeStampApp
+from stampd.signers.keyfile import FileSigner, default_signature_hash, load_encrypted_key, read_passphrase_file
+
+log = logging.getLogger("stampd")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTsu:
+    config: TsuConfig
+    signer: FileSigner
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    anchor: x509.Certificate
+
+
+def _read_certificates(path: Path, field: str) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {path}: {e.strerror}") from None
+    try:
+        return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+    except ValueError as e:
+        raise PKIError(f"{field}: {path} holds no readable certificate: {e}") from None
+
+
+def _passphrase(tsu: TsuConfig) -> bytes:
+    if tsu.key.passphrase_file is not None:
+        return read_passphrase_file(tsu.key.passphrase_file)
+    assert tsu.key.passphrase_env is not None
+    value = os.environ.get(tsu.key.passphrase_env)
+    if not value:
+        raise ConfigError(f"tsu.{tsu.name}.key.passphrase_env: the variable {tsu.key.passphrase_env} is not set")
+    return value.encode()
+
+
+def _check_chain(tsu: TsuConfig, certificate: x509.Certificate, chain: list[x509.Certificate],
+                 anchor: x509.Certificate, now: datetime) -> None:
+    """The configured chain must lead from the TSU certificate to the anchor, every link valid now."""
+    path = [certificate, *chain]
+    if path[-1] != anchor:
+        path.append(anchor)
+    for child, parent in zip(path, path[1:], strict=False):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, Exception) as e:
+            raise PKIError(
+                f"tsu.{tsu.name}: {child.subject.rfc4514_string()} is not issued by {parent.subject.rfc4514_string()}"
+                f" ({type(e).__name__})"
+            ) from None
+        if not parent.not_valid_before_utc <= now <= parent.not_valid_after_utc:
+            raise PKIError(f"tsu.{tsu.name}: CA certificate {parent.subject.rfc4514_string()} is not valid now")
+
+
+def load_tsu(tsu: TsuConfig, now: datetime) -> LoadedTsu:
+    """Load one TSU's key and certificates and refuse anything a relying party would reject (SPEC CRT-01..07)."""
+    (certificate, *_) = _read_certificates(tsu.certificate, f"tsu.{tsu.name}.certificate")
+    chain = [c for p in tsu.chain for c in _read_certificates(p, f"tsu.{tsu.name}.chain")]
+    (anchor, *_) = _read_certificates(tsu.trust_anchor, f"tsu.{tsu.name}.trust_anchor")
+    key = load_encrypted_key(tsu.key.path, _passphrase(tsu))
+    signer = FileSigner(key, tsu.signature_hash or default_signature_hash(key), rsa_pss=tsu.rsa_pss)
+    if not key_matches_certificate(signer.public_key, certificate):
+        raise PKIError(f"tsu.{tsu.name}: the key {tsu.key.path} does not match the certificate {tsu.certificate}")
+    problems = tsu_certificate_problems(certificate, now)
+    if problems:
+        raise PKIError(f"tsu.{tsu.name}: the certificate {tsu.certificate} cannot be used: " + "; ".join(problems))
+    _check_chain(tsu, certificate, chain, anchor, now)
+    return LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
+
+
+def create_app(config: Config) -> TimeStampApp:
+    now = datetime.now(UTC)
+    loaded = [load_tsu(tsu, now) for tsu in config.tsus]
+    store = RecordStore(config.records.url)
+    clock = SystemClock()
+    serials = RandomSerialSource()
+    units: dict[str, TimeStampingUnit] = {}
+    certificates_pem: dict[str, bytes] = {}
+    for item in loaded:
+        tsu = item.config
+        template = TokenTemplate(
+            signer_certificate=item.certificate.public_bytes(Encoding.DER),
+            chain=[c.public_bytes(Encoding.DER) for c in item.chain],
+            digest_algorithm=item.signer.digest_algorithm,
+            signature_algorithm=item.signer.signature_algorithm,
+            accuracy_us=config.clock.accuracy_us,
+            sign=item.signer.sign,
+        )
+        unit = TimeStampingUnit(
+            name=tsu.name,
+            policy=IssuancePolicy(tsu.default_policy, tsu.accepted_policies, tsu.hash_algorithms),
+            template=template,
+            gen_time=GenTimeFormatter(tsu.gen_time_digits),
+            clock=clock,
+            serials=serials,
+            records=store,
+        )
+        units[tsu.path] = unit
+        if tsu.name == "default" and tsu.path != "/default":
+            units.setdefault("/default", unit)
+        chain = [item.certificate, *item.chain]
+        if item.anchor not in chain:
+            chain.append(item.anchor)
+        certificates_pem[tsu.path] = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
+
+    def started() -> None:
+        store.record_event("service.started", {"pid": os.getpid(), "tsus": [t.name for t in config.tsus],
+                                               "clock": "unmonitored"})
+        log.warning("clock: NOT MONITORED: tokens carry the host's time unchecked (demo profile)")
+        for tsu in config.tsus:
+            log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
+
+    def stopping() -> None:
+        try:
+            store.record_event("service.stopped", {"pid": os.getpid()})
+        finally:
+            store.close()
+
+    return TimeStampApp(
+        units,
+        certificates_pem,
+        max_request_bytes=config.server.max_request_bytes,
+        request_timeout_s=config.server.request_timeout_s,
+        on_startup=started,
+        on_shutdown=stopping,
+    )
+
+
+def create_app_from_environment() -> TimeStampApp:
+    """Factory for worker processes: each loads the configuration named by $STAMPD_CONFIG itself."""
+    return create_app(load_config(config_path(os.environ.get(CONFIG_ENV))))

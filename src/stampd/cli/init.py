@@ -1,0 +1,178 @@
+"""`stampd init`: a working TSA in one directory, with a demo PKI and a commented configuration."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from cryptography import x509
+
+from stampd.errors import ConfigError
+from stampd.pki.demo import DemoPki, create_demo_pki
+from stampd.signers.keyfile import DEFAULT_KEY_TYPE, KeyType, default_signature_hash, write_new_file
+
+CONFIG_NAME = "stampd.toml"
+DEFAULT_LISTEN = "127.0.0.1:3180"
+MAX_NAME_LENGTH = 64
+"""ub-common-name and ub-organization-name (RFC 5280 Appendix A)."""
+
+PSS_WARNING = (
+    "warning: RSA-PSS time-stamp tokens are rejected by many clients (e.g. older OpenSSL, Java, Windows); "
+    "use PKCS#1 v1.5 unless every relying party is known to accept PSS"
+)
+
+_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+")
+
+_CONFIG_TEMPLATE = """\
+# stampd configuration, written by `stampd init` (comments explain each field).
+# Relative paths are resolved against the directory of this file.
+
+[server]
+# HOST:PORT for HTTP (RFC 3161 §3.4); put a reverse proxy in front for TLS
+listen = "{listen}"
+max_request_bytes = 65536        # larger bodies get HTTP 413 before they are read
+request_timeout = "10s"          # a client that stalls longer than this is cut off
+workers = 1                      # processes; serial numbers stay unique across them
+
+[records]
+url = "sqlite:///records.sqlite3"   # every token is recorded here before it is returned
+
+[clock]
+accuracy = "1s"                  # declared in every token (TSTInfo.accuracy)
+
+[tsu.default]
+path = "/"                                   # URL path served; "/" is the default TSU
+certificate = "pki/tsu.pem"                  # EKU id-kp-timeStamping only, critical (checked at start-up)
+chain = ["pki/issuing-ca.pem"]               # intermediates sent when certReq is set
+trust_anchor = "pki/root.pem"                # the chain is checked against it at start-up
+# policy in tokens whose request names none; a fresh OID under the UUID arc 2.25 (ITU-T X.667)
+default_policy = "{policy}"
+# reqPolicy values that are granted; any other gets rejection + unacceptedPolicy
+accepted_policies = ["{policy}"]
+hash_algorithms = ["sha256", "sha384", "sha512"]   # also: sha224, sha3-256, sha3-384, sha3-512, sha1 (weak)
+gen_time_precision = "ms"                    # "s", "ms" or "us"; trailing zeros are never written
+# hash of the signature over the signed attributes (sha512 for Ed25519, RFC 8419)
+signature_hash = "{signature_hash}"
+# RSASSA-PSS instead of PKCS#1 v1.5 (RSA keys only; many clients reject PSS tokens)
+rsa_pss = {rsa_pss}
+
+[tsu.default.key]
+backend = "file"
+path = "pki/tsu-key.pem"                     # encrypted PKCS#8
+passphrase_file = "secrets/tsu.pass"         # or set passphrase_env = "VARIABLE"
+"""
+
+
+def new_policy_oid() -> str:
+    """A policy OID nobody else has, without registering an arc: 2.25.<UUID as integer> (ITU-T X.667 §6.3)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def render_config(*, listen: str, policy: str, signature_hash: str, rsa_pss: bool) -> str:
+    """The commented stampd.toml for the demo layout (paths relative to the file)."""
+    return _CONFIG_TEMPLATE.format(
+        listen=listen, policy=policy, signature_hash=signature_hash, rsa_pss="true" if rsa_pss else "false"
+    )
+
+
+def _validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """HOST:PORT with a bracketed IPv6 literal or a name/IPv4 address, and a port in 1..65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not _HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT (e.g. {DEFAULT_LISTEN}), got {value!r}")
+    return value
+
+
+def _validate_country(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Two-letter ISO 3166 code, as countryName requires (RFC 5280 Appendix A)."""
+    if not re.fullmatch(r"[A-Za-z]{2}", value):
+        raise click.BadParameter(f"expected a two-letter ISO 3166 country code, got {value!r}")
+    return value.upper()
+
+
+@click.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--key-type",
+    type=click.Choice([k.value for k in KeyType]),
+    default=DEFAULT_KEY_TYPE.value,
+    show_default=True,
+    help="Key type of the TSU and of the demo CAs.",
+)
+@click.option("--rsa-pss", is_flag=True, help="Sign tokens with RSASSA-PSS (RSA key types only).")
+@click.option(
+    "--organization",
+    default="stampd demo TSA",
+    show_default=True,
+    help="The TSA's full registered name (certificate O).",
+)
+@click.option(
+    "--country",
+    default="XX",
+    show_default=True,
+    callback=_validate_country,
+    help="ISO 3166 country code (certificate C); XX is reserved for user assignment.",
+)
+@click.option("--name", "tsu_name", default="1", show_default=True, help="Names the TSU in its certificate CN.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, callback=_validate_listen, help="HOST:PORT.")
+@click.option("--force", is_flag=True, help="Replace an existing PKI and configuration in DIRECTORY.")
+def command(
+    *,
+    directory: Path,
+    key_type: str,
+    rsa_pss: bool,
+    organization: str,
+    country: str,
+    tsu_name: str,
+    listen: str,
+    force: bool,
+) -> None:
+    """Create DIRECTORY with a demo PKI (root CA, issuing CA, TSU certificate) and a commented stampd.toml.
+
+    Private keys are encrypted; their passphrases are in DIRECTORY/secrets (mode 0700). The PKI is for a
+    closed community: relying parties must trust DIRECTORY/pki/root.pem.
+    """
+    kind = KeyType(key_type)
+    if rsa_pss and not kind.is_rsa:
+        raise ConfigError(f"--rsa-pss needs an RSA key type (rsa-2048, rsa-3072 or rsa-4096), not {kind}")
+    common_name = f"{organization} TSU {tsu_name}"
+    if not organization.strip() or len(organization) > MAX_NAME_LENGTH or len(common_name) > MAX_NAME_LENGTH:
+        raise ConfigError(
+            f"--organization must be 1-{MAX_NAME_LENGTH} characters and the TSU name {common_name!r} "
+            f"at most {MAX_NAME_LENGTH}"
+        )
+    config_path = directory / CONFIG_NAME
+    existing = [p for p in (config_path, directory / "pki", *DemoPki.at(directory).existing()) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{directory} already holds a stampd installation ({existing[0]}); use --force to replace it")
+    if rsa_pss:
+        click.echo(PSS_WARNING, err=True)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = create_demo_pki(
+        directory,
+        key_type=kind,
+        rsa_pss=rsa_pss,
+        organization=organization,
+        country=country,
+        tsu_name=tsu_name,
+        now=datetime.now(UTC),
+        replace=force,
+    )
+    tsu_certificate = x509.load_pem_x509_certificate(pki.tsu_certificate.read_bytes())
+    signature_hash = default_signature_hash(tsu_certificate.public_key())
+    policy = new_policy_oid()
+    config = render_config(listen=listen, policy=policy, signature_hash=signature_hash, rsa_pss=rsa_pss)
+    write_new_file(config_path, config.encode("utf-8"), overwrite=force)
+
+    click.echo(f"Created a time-stamping authority in {directory}")
+    click.echo(f"  TSU certificate: {pki.tsu_certificate} (CN={common_name}, {kind}, {signature_hash})")
+    click.echo(f"  Default policy:  {policy}")
+    click.echo(f"  Configuration:   {config_path}")
+    click.echo(f"  Passphrases:     {pki.ca_passphrase_file.parent} (keep private; back up the CA keys offline)")
+    click.echo(f"Start the server:  stampd serve -c {shlex.quote(str(config_path))}")
+    click.echo(f"Trust anchor: {pki.root_certificate}")

@@ -1,0 +1,28 @@
+"""`stampd serve`: run the TSA over HTTP."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from stampd.app import create_app
+from stampd.cli.options import config_option
+from stampd.config import load_config, split_listen
+from stampd.server.run import serve
+
+
+@click.command("serve")
+@config_option
+@click.option("--listen", metavar="HOST:PORT", help="Override server.listen.")
+@click.option("--workers", type=click.IntRange(1, 256), help="Override server.workers.")
+def command(config_file: str, listen: str | None, workers: int | None) -> None:
+    """Serve RFC 3161 time-stamp requests over HTTP until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_file)
+    try:
+        host, port = split_listen(listen) if listen else (config.server.host, config.server.port)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--listen") from None
+    app = create_app(config)
+    serve(config, app, host=host, port=port, workers=workers or config.server.workers)

@@ -1,0 +1,1 @@
+"""Time sources (adapters implementing :class:`stampd.ports.Clock`)."""

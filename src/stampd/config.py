@@ -1,0 +1,283 @@
+"""stampd.toml: read, validated and resolved once; every error names the file and the field."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stampd.errors import ConfigError
+from stampd.oids import DEFAULT_IMPRINT_HASHES, HASH_BY_NAME
+
+DEFAULT_CONFIG = "stampd.toml"
+CONFIG_ENV = "STAMPD_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)\s*$")
+_DURATION_UNITS_US = {"us": 1, "µs": 1, "ms": 1000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000}
+_PRECISION_DIGITS = {"s": 0, "ms": 3, "us": 6}
+_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+_TSU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str
+    port: int
+    max_request_bytes: int
+    request_timeout_s: float
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsConfig:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClockConfig:
+    accuracy_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    backend: str
+    path: Path
+    passphrase_file: Path | None
+    passphrase_env: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TsuConfig:
+    name: str
+    path: str
+    certificate: Path
+    chain: tuple[Path, ...]
+    trust_anchor: Path
+    default_policy: str
+    accepted_policies: frozenset[str]
+    hash_algorithms: frozenset[str]
+    gen_time_digits: int
+    signature_hash: str | None
+    rsa_pss: bool
+    key: KeyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    server: ServerConfig
+    records: RecordsConfig
+    clock: ClockConfig
+    tsus: tuple[TsuConfig, ...]
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """-c FILE, else $STAMPD_CONFIG, else ./stampd.toml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def parse_duration_us(text: str) -> int:
+    """"16s", "500ms", "2m", "250us" -> microseconds."""
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"expected a duration with a unit such as '1s', '500ms' or '2m', not {text!r}")
+    return round(float(match.group(1)) * _DURATION_UNITS_US[match.group(2)])
+
+
+class _Table:
+    """A TOML table being read: typed getters whose errors name the field; unknown keys are refused."""
+
+    def __init__(self, source: Path, prefix: str, data: Mapping[str, Any]) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.data = data
+        self.read: set[str] = set()
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.read.add(key)
+        value = self.data.get(key, default)
+        if value is _REQUIRED:
+            raise self.error(key, "is required")
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.error(key, f"expected {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def table(self, key: str) -> _Table:
+        value = self.get(key, dict, {})
+        return _Table(self.source, f"{self.prefix}{key}.", value)
+
+    def path(self, key: str, default: Any = None) -> Path | None:
+        value = self.get(key, str, default)
+        if value is None:
+            return None
+        resolved = Path(value)
+        return resolved if resolved.is_absolute() else self.source.parent / resolved
+
+    def duration_us(self, key: str, default: str) -> int:
+        try:
+            value = parse_duration_us(self.get(key, str, default))
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+        if value <= 0:
+            raise self.error(key, "must be positive")
+        return value
+
+    def oid(self, key: str, value: str) -> str:
+        if not _OID.match(value):
+            raise self.error(key, f"{value!r} is not an object identifier")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            raise self.error(unknown[0], "unknown setting")
+
+
+_REQUIRED = object()
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    source = Path(path)
+    try:
+        with source.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such configuration file (create one with `stampd init DIR`)") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    root = _Table(source, "", data)
+    config = Config(
+        source=source,
+        server=_server(root.table("server")),
+        records=_records(root.table("records")),
+        clock=_clock(root.table("clock")),
+        tsus=_tsus(root.table("tsu")),
+    )
+    root.finish()
+    return config
+
+
+def _server(t: _Table) -> ServerConfig:
+    listen = t.get("listen", str, "127.0.0.1:3180")
+    try:
+        host, port = split_listen(listen)
+    except ValueError as e:
+        raise t.error("listen", str(e)) from None
+    max_bytes = t.get("max_request_bytes", int, 65536)
+    if not 64 <= max_bytes <= 16 * 1024 * 1024:
+        raise t.error("max_request_bytes", "must be between 64 and 16777216")
+    workers = t.get("workers", int, 1)
+    if not 1 <= workers <= 256:
+        raise t.error("workers", "must be between 1 and 256")
+    timeout_us = t.duration_us("request_timeout", "10s")
+    t.finish()
+    return ServerConfig(host, port, max_bytes, timeout_us / 1e6, workers)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[v6]:PORT" -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _records(t: _Table) -> RecordsConfig:
+    url = t.get("url", str, "sqlite:///records.sqlite3")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        relative = url.removeprefix("sqlite:///")
+        url = f"sqlite:///{(t.source.parent / relative).resolve()}"
+    elif not url.startswith(("sqlite:", "postgresql")):
+        raise t.error("url", f"expected sqlite:///PATH or postgresql://..., not {url!r}")
+    t.finish()
+    return RecordsConfig(url)
+
+
+def _clock(t: _Table) -> ClockConfig:
+    accuracy = t.duration_us("accuracy", "1s")
+    t.finish()
+    return ClockConfig(accuracy)
+
+
+def _tsus(t: _Table) -> tuple[TsuConfig, ...]:
+    if not t.data:
+        raise ConfigError(f"{t.source}: tsu: at least one [tsu.NAME] table is required")
+    tsus = tuple(_tsu(name, t.table(name)) for name in t.data)
+    paths = [tsu.path for tsu in tsus]
+    duplicate = next((p for p in paths if paths.count(p) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{t.source}: tsu: two TSUs are served at the same path {duplicate!r}")
+    t.finish()
+    return tsus
+
+
+def _tsu(name: str, t: _Table) -> TsuConfig:
+    if not _TSU_NAME.match(name):
+        raise ConfigError(f"{t.source}: tsu.{name}: a TSU name is letters, digits, '-' and '_'")
+    path = t.get("path", str, "/" if name == "default" else f"/{name}")
+    if not path.startswith("/"):
+        raise t.error("path", "must start with '/'")
+    default_policy = t.oid("default_policy", t.get("default_policy", str, _REQUIRED))
+    accepted = frozenset(t.oid("accepted_policies", p) for p in t.get("accepted_policies", list, []))
+    hashes = t.get("hash_algorithms", list, list(DEFAULT_IMPRINT_HASHES))
+    for h in hashes:
+        if h not in HASH_BY_NAME:
+            raise t.error("hash_algorithms", f"unknown hash {h!r} (known: {', '.join(HASH_BY_NAME)})")
+    precision = t.get("gen_time_precision", str, "ms")
+    if precision not in _PRECISION_DIGITS:
+        raise t.error("gen_time_precision", f"expected 's', 'ms' or 'us', not {precision!r}")
+    signature_hash = t.get("signature_hash", str, None)
+    if signature_hash is not None and signature_hash not in ("sha256", "sha384", "sha512"):
+        raise t.error("signature_hash", f"expected sha256, sha384 or sha512, not {signature_hash!r}")
+    chain = tuple(_path_list(t, "chain"))
+    certificate = t.path("certificate", _REQUIRED)
+    trust_anchor = t.path("trust_anchor", _REQUIRED)
+    rsa_pss = t.get("rsa_pss", bool, False)
+    key = _key(t.table("key"))
+    t.finish()
+    assert certificate is not None and trust_anchor is not None
+    return TsuConfig(
+        name=name,
+        path=path,
+        certificate=certificate,
+        chain=chain,
+        trust_anchor=trust_anchor,
+        default_policy=default_policy,
+        accepted_policies=accepted,
+        hash_algorithms=frozenset(hashes),
+        gen_time_digits=_PRECISION_DIGITS[precision],
+        signature_hash=signature_hash,
+        rsa_pss=rsa_pss,
+        key=key,
+    )
+
+
+def _path_list(t: _Table, key: str) -> list[Path]:
+    values = t.get(key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        raise t.error(key, "expected a list of file names")
+    return [Path(v) if Path(v).is_absolute() else t.source.parent / v for v in values]
+
+
+def _key(t: _Table) -> KeyConfig:
+    backend = t.get("backend", str, "file")
+    if backend != "file":
+        raise t.error("backend", f"unknown key backend {backend!r} (known: file)")
+    path = t.path("path", _REQUIRED)
+    passphrase_file = t.path("passphrase_file")
+    passphrase_env = t.get("passphrase_env", str, None)
+    if (passphrase_file is None) == (passphrase_env is None):
+        raise t.error("passphrase_file", "set exactly one of passphrase_file and passphrase_env")
+    t.finish()
+    assert path is not None
+    return KeyConfig(backend, path, passphrase_file, passphrase_env)

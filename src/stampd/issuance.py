@@ -1,0 +1,82 @@
+"""The core of the TSA: a decoded request and the ports in, a recorded token or a rejection out.
+
+No I/O of its own: the clock, signer, serial source and record sink arrive as arguments, so every decision here is
+testable with injected fakes, and no token leaves before its record is durable (RFC 3628 §7.4.8, SPEC OPS-09).
+"""
+
+from __future__ import annotations
+
+from stampd.der.request import encode_message_imprint
+from stampd.der.response import rejection
+from stampd.der.token import GenTimeFormatter, TokenFields, TokenTemplate
+from stampd.errors import Rejection, SigningError, StampdError, SystemFailure
+from stampd.model import IssuedToken, TimeStampRequest, TokenRecord
+from stampd.policy import IssuancePolicy
+from stampd.ports import Clock, RecordSink, SerialSource
+
+
+class TimeStampingUnit:
+    """One TSU: one key, one certificate, one policy set (RFC 3628 §4.3)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        policy: IssuancePolicy,
+        template: TokenTemplate,
+        gen_time: GenTimeFormatter,
+        clock: Clock,
+        serials: SerialSource,
+        records: RecordSink,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._template = template
+        self._gen_time = gen_time
+        self._clock = clock
+        self._serials = serials
+        self._records = records
+
+    def issue(self, request: TimeStampRequest, requester: str | None) -> IssuedToken:
+        """Sign a token for ``request``; raises a :class:`Rejection` naming the one failure bit."""
+        policy = self.policy.policy_for(request)
+        now_ns = self._gen_time.truncate(self._clock.now_ns())
+        gen_time = self._gen_time.text(now_ns)
+        serial = self._serials.next_serial()
+        fields = TokenFields(
+            policy=policy,
+            message_imprint=encode_message_imprint(request.imprint),
+            serial=serial,
+            gen_time=self._gen_time.encode(now_ns),
+            nonce=request.nonce,
+        )
+        try:
+            response = self._template.response(fields, with_certificates=request.cert_req)
+        except StampdError:
+            raise
+        except Exception as e:
+            raise SigningError(f"signing failed: {type(e).__name__}") from e
+        record = TokenRecord(
+            serial=serial,
+            gen_time_ns=now_ns,
+            gen_time=gen_time,
+            tsu=self.name,
+            policy=policy,
+            hash_oid=request.imprint.hash_oid,
+            imprint=request.imprint.digest,
+            nonce=request.nonce,
+            token=response,
+            requester=requester,
+        )
+        return IssuedToken(record=record, response=response)
+
+    async def respond(self, request: TimeStampRequest, requester: str | None) -> bytes:
+        """The DER TimeStampResp for ``request``: a recorded token, or a rejection (SPEC STS-01..06)."""
+        try:
+            issued = self.issue(request, requester)
+            await self._records.record(issued.record)
+        except SystemFailure as e:
+            return rejection(e.fail_info, "the TSA could not issue a token; try again later")
+        except Rejection as e:
+            return rejection(e.fail_info, str(e))
+        return issued.response

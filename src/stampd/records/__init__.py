@@ -1,0 +1,1 @@
+"""Durable records of issued tokens and service events (adapters implementing :class:`stampd.ports.RecordSink`)."""

@@ -1,0 +1,167 @@
+"""The ASGI application: HTTP in, DER out (RFC 3161 §3.4, SPEC TRN-01..03, TRN-07).
+
+A raw ASGI callable rather than a framework: on the issuance path every microsecond is a token per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from stampd.der.request import decode_request
+from stampd.errors import (
+    LengthRequired,
+    MethodNotAllowed,
+    NotFound,
+    ParseError,
+    PayloadTooLarge,
+    RequestTimeout,
+    TransportError,
+    UnsupportedMediaType,
+)
+from stampd.issuance import TimeStampingUnit
+
+log = logging.getLogger(__name__)
+
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+TIMESTAMP_QUERY = b"application/timestamp-query"
+TIMESTAMP_REPLY = b"application/timestamp-reply"
+"""Exactly this, no parameters: clients compare it as a string (RFC 3161 §3.4 + Errata 1879, SPEC TRN-02)."""
+
+
+class TimeStampApp:
+    """Routes ``POST <tsu path>`` to its TSU, and serves ``GET /healthz`` and ``GET <tsu path>/certs``."""
+
+    def __init__(
+        self,
+        units: Mapping[str, TimeStampingUnit],
+        certificates_pem: Mapping[str, bytes],
+        *,
+        max_request_bytes: int,
+        request_timeout_s: float,
+        on_startup: Callable[[], None] = lambda: None,
+        on_shutdown: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._units = dict(units)
+        self._certs = {_certs_path(path): pem for path, pem in certificates_pem.items()}
+        self._max_request_bytes = max_request_bytes
+        self._request_timeout_s = request_timeout_s
+        self._on_startup = on_startup
+        self._on_shutdown = on_shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keep_alive_10 = scope["http_version"] == "1.0" and _header(scope, b"connection").lower() == b"keep-alive"
+        try:
+            path = scope["path"]
+            method = scope["method"]
+            unit = self._units.get(path)
+            if unit is not None:
+                if method != "POST":
+                    raise MethodNotAllowed(f"{path} takes POST")
+                body = await self._read_body(scope, receive)
+                request = decode_request(body)
+                client = scope.get("client")
+                reply = await unit.respond(request, client[0] if client else None)
+                await _respond(send, 200, TIMESTAMP_REPLY, reply, keep_alive_10)
+            elif path == "/healthz":
+                if method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed("/healthz takes GET")
+                await _respond(send, 200, b"text/plain; charset=utf-8", b"ok\n", keep_alive_10)
+            elif path in self._certs:
+                if method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed(f"{path} takes GET")
+                await _respond(send, 200, b"application/pem-certificate-chain", self._certs[path], keep_alive_10)
+            else:
+                raise NotFound(f"nothing is served at {path}")
+        except (TransportError, ParseError) as e:
+            close = isinstance(e, PayloadTooLarge | RequestTimeout | LengthRequired)
+            text = f"{e}\n".encode()
+            await _respond(send, e.http_status, b"text/plain; charset=utf-8", text, keep_alive_10 and not close, close)
+        except Exception:
+            log.exception("internal error while serving %s %s", scope.get("method"), scope.get("path"))
+            await _respond(send, 500, b"text/plain; charset=utf-8", b"internal error\n", False, True)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request body within the size and time limits; the size is refused before reading when declared."""
+        content_type = _header(scope, b"content-type")
+        if content_type and content_type.split(b";", 1)[0].strip().lower() != TIMESTAMP_QUERY:
+            raise UnsupportedMediaType("expected Content-Type: application/timestamp-query")
+        declared = _header(scope, b"content-length")
+        if declared:
+            if not declared.isdigit():
+                raise ParseError("invalid Content-Length")
+            if int(declared) > self._max_request_bytes:
+                raise PayloadTooLarge(f"a time-stamp request is at most {self._max_request_bytes} bytes")
+        elif b"chunked" not in _header(scope, b"transfer-encoding").lower():
+            raise LengthRequired("Content-Length is required")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise RequestTimeout("the client went away")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self._max_request_bytes:
+                        raise PayloadTooLarge(f"a time-stamp request is at most {self._max_request_bytes} bytes")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive in time") from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self._on_startup()
+                except Exception as e:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    self._on_shutdown()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _certs_path(tsu_path: str) -> str:
+    return tsu_path.rstrip("/") + "/certs"
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return b""
+
+
+async def _respond(
+    send: Send, status: int, content_type: bytes, body: bytes, keep_alive_10: bool, close: bool = False
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    elif keep_alive_10:
+        headers.append((b"connection", b"keep-alive"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
