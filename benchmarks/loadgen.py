@@ -25,12 +25,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from asn1crypto import tsp
+
+try:
+    import uvloop
+except ImportError:  # optional: the stock loop works, it only costs the generator more CPU per request
+    uvloop = None
+
 # A DER TimeStampReq (RFC 3161 §2.4.1) built from a fixed template, so that every request has the same
 # length and its varying parts sit at fixed offsets:
 #   SEQUENCE { version 1, MessageImprint { sha256 (NULL params), OCTET STRING[32] }, nonce INTEGER[8],
 #              certReq TRUE }
 _SHA256_ALG_ID = bytes.fromhex("300d06096086480165030402010500")
-_REQ_HEAD = bytes.fromhex("3043" "020101" "3031") + _SHA256_ALG_ID + bytes.fromhex("0420")
+_REQ_HEAD = bytes.fromhex("30430201013031") + _SHA256_ALG_ID + bytes.fromhex("0420")
 _REQ_MID = bytes.fromhex("0208")
 _REQ_TAIL = bytes.fromhex("0101ff")
 REQUEST_LENGTH = len(_REQ_HEAD) + 32 + len(_REQ_MID) + 8 + len(_REQ_TAIL)
@@ -110,8 +117,6 @@ def deep_check(request_der: bytes, body: bytes) -> str | None:
     Run on a few responses only, to show that the cheap byte check above is looking at real tokens.
     """
     try:
-        from asn1crypto import tsp
-
         req = tsp.TimeStampReq.load(request_der)
         resp = tsp.TimeStampResp.load(body)
         if resp["status"]["status"].native != "granted":
@@ -166,6 +171,35 @@ def _process_tree_ticks(pid: int) -> int | None:
     return sum(ticks[p] for p in tree)
 
 
+def _cpu_times() -> dict[int, tuple[int, int, int]]:
+    """Per CPU (total, idle, iowait) jiffies from /proc/stat; empty where there is none."""
+    out: dict[int, tuple[int, int, int]] = {}
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
+            out[int(name[3:])] = (sum(v), v[3], v[4])
+    return out
+
+
+def _core_usage(
+    before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]], cpus: set[int]
+) -> dict[str, dict[str, float]]:
+    """Busy and iowait share of each CPU in ``cpus`` between two samples, whoever used it."""
+    usage = {}
+    for cpu in sorted(cpus & before.keys() & after.keys()):
+        total = after[cpu][0] - before[cpu][0]
+        if total > 0:
+            idle = after[cpu][1] - before[cpu][1]
+            iowait = after[cpu][2] - before[cpu][2]
+            usage[str(cpu)] = {"busy": (total - idle - iowait) / total, "iowait": iowait / total}
+    return usage
+
+
 @dataclass
 class LoadConfig:
     host: str
@@ -180,6 +214,8 @@ class LoadConfig:
     grace: float = 10.0
     use_uvloop: bool = True
     server_pid: int | None = None
+    server_cpus: tuple[int, ...] = ()
+    """CPUs the server is pinned to; their total use shows whether anything else competed with it."""
 
 
 @dataclass
@@ -205,6 +241,7 @@ class LoadResult:
     per_second: list[int]
     generator_cpu: float
     server_cpu: float | None
+    cores: dict[str, dict[str, float]]
     verdict: str
     unfinished_at_end: int = 0
     notes: list[str] = field(default_factory=list)
@@ -341,7 +378,9 @@ def _percentile(sorted_ns: list[int], p: float) -> float:
     return sorted_ns[max(0, math.ceil(p / 100 * len(sorted_ns)) - 1)] / 1e6
 
 
-async def _drive(config: LoadConfig, pool: list[bytes]) -> tuple[_Run, float, float | None, int]:
+async def _drive(
+    config: LoadConfig, pool: list[bytes]
+) -> tuple[_Run, float, float | None, dict[str, dict[str, float]], int]:
     perf = time.perf_counter_ns
     start = perf()
     t0 = start + int(config.warmup * NS)
@@ -351,10 +390,10 @@ async def _drive(config: LoadConfig, pool: list[bytes]) -> tuple[_Run, float, fl
     clk = os.sysconf("SC_CLK_TCK")
 
     await asyncio.sleep(max(0.0, (t0 - perf()) / NS))
-    a_wall, a_cpu = perf(), time.process_time()
+    a_wall, a_cpu, a_cores = perf(), time.process_time(), _cpu_times()
     a_srv = _process_tree_ticks(config.server_pid) if config.server_pid else None
     await asyncio.sleep(max(0.0, (t1 - perf()) / NS))
-    b_wall, b_cpu = perf(), time.process_time()
+    b_wall, b_cpu, b_cores = perf(), time.process_time(), _cpu_times()
     b_srv = _process_tree_ticks(config.server_pid) if config.server_pid else None
     run.stopping = True
 
@@ -365,17 +404,13 @@ async def _drive(config: LoadConfig, pool: list[bytes]) -> tuple[_Run, float, fl
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    return run, gen_cpu, srv_cpu, len(pending)
+    cores = _core_usage(a_cores, b_cores, set(config.server_cpus) | os.sched_getaffinity(0))
+    return run, gen_cpu, srv_cpu, cores, len(pending)
 
 
 def _loop_factory(use_uvloop: bool) -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
-    if use_uvloop:
-        try:
-            import uvloop
-
-            return uvloop.new_event_loop, "uvloop"
-        except ImportError:
-            pass
+    if use_uvloop and uvloop is not None:
+        return uvloop.new_event_loop, "uvloop"
     return asyncio.new_event_loop, "asyncio"
 
 
@@ -389,7 +424,7 @@ def run_load(config: LoadConfig) -> LoadResult:
     gc.freeze()  # the pool is immortal: keep the collector from rescanning it during the run
     factory, loop_name = _loop_factory(config.use_uvloop)
     with asyncio.Runner(loop_factory=factory) as runner:
-        run, gen_cpu, srv_cpu, unfinished = runner.run(_drive(config, pool))
+        run, gen_cpu, srv_cpu, cores, unfinished = runner.run(_drive(config, pool))
     gc.unfreeze()
 
     lat = sorted(run.latencies)
@@ -397,8 +432,22 @@ def run_load(config: LoadConfig) -> LoadResult:
     notes = []
     if run.wrapped:
         notes.append(f"request pool of {len(pool)} wrapped: some imprints/nonces were sent twice (raise --pool)")
+    core_busy = None
+    srv_cores = [cores[str(c)] for c in config.server_cpus if str(c) in cores]
+    if srv_cores:
+        core_busy = sum(c["busy"] for c in srv_cores) / len(srv_cores)
+        iowait = sum(c["iowait"] for c in srv_cores) / len(srv_cores)
+        if srv_cpu is not None and core_busy - srv_cpu > 0.05:
+            notes.append(
+                f"the server's core was {core_busy:.0%} busy but the server used only {srv_cpu:.0%} of it: "
+                "other work competed with the server, so its numbers may be low; rerun on a quiet machine"
+            )
+        if iowait > 0.05:
+            notes.append(f"the server's core sat {iowait:.0%} in I/O wait (the records' commits)")
     if srv_cpu is not None and srv_cpu >= SATURATED_CPU:
         verdict = f"server saturated ({srv_cpu:.0%} of a core)"
+    elif srv_cpu is not None and core_busy is not None and core_busy >= SATURATED_CPU:
+        verdict = f"server's core saturated, but only {srv_cpu:.0%} by the server: CONTENDED, not comparable"
     elif gen_cpu >= SATURATED_CPU:
         verdict = (
             f"GENERATOR-BOUND ({gen_cpu:.0%} of its core"
@@ -439,6 +488,7 @@ def run_load(config: LoadConfig) -> LoadResult:
         per_second=run.per_second,
         generator_cpu=gen_cpu,
         server_cpu=srv_cpu,
+        cores=cores,
         verdict=verdict,
         unfinished_at_end=unfinished,
         notes=notes,
@@ -458,6 +508,8 @@ def format_result(r: LoadResult) -> str:
         + ("all good" if not r.check_failures else "FAILED: " + "; ".join(r.check_failures)),
         f"per second: {' '.join(str(n) for n in r.per_second)}",
         f"saturation: {r.verdict}",
+        "cores busy: "
+        + (", ".join(f"cpu{c} {u['busy']:.0%} (iowait {u['iowait']:.0%})" for c, u in r.cores.items()) or "unknown"),
     ]
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
@@ -474,6 +526,7 @@ def _parse_args(argv: list[str] | None) -> tuple[LoadConfig, str | None, list[in
     p.add_argument("--check", type=int, default=16, help="tokens to decode fully and match to their request")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
     p.add_argument("--server-pid", type=int, help="sample this process tree's CPU to tell who saturated")
+    p.add_argument("--server-cpu", type=int, action="append", help="the server's pinned CPU (repeatable)")
     p.add_argument("--cpu", type=int, action="append", help="pin the generator to this CPU (repeatable)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     a = p.parse_args(argv)
@@ -492,6 +545,7 @@ def _parse_args(argv: list[str] | None) -> tuple[LoadConfig, str | None, list[in
         check=a.check,
         use_uvloop=not a.no_uvloop,
         server_pid=a.server_pid,
+        server_cpus=tuple(a.server_cpu or ()),
     )
     return config, a.json, a.cpu
 

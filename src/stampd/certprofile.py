@@ -91,9 +91,7 @@ def _key_usage(extensions: x509.Extensions) -> list[ProfileProblem]:
     if not ext.critical:
         problems.append(ProfileProblem("CRT-03", "keyUsage is not critical", fatal=False))
     if not ku.digital_signature:
-        problems.append(
-            ProfileProblem("CRT-03", "keyUsage lacks digitalSignature", fatal=not ku.content_commitment)
-        )
+        problems.append(ProfileProblem("CRT-03", "keyUsage lacks digitalSignature", fatal=not ku.content_commitment))
     extra = [
         name
         for name, present in (

@@ -25,6 +25,11 @@ PSS_WARNING = (
     "use PKCS#1 v1.5 unless every relying party is known to accept PSS"
 )
 
+ED25519_WARNING = (
+    "warning: OpenSSL (`openssl ts -verify`, `openssl cms -verify`) cannot verify Ed25519 time-stamp tokens "
+    "and many other clients do not support them; use ec-p256 unless every relying party accepts Ed25519"
+)
+
 _HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+")
 
 _CONFIG_TEMPLATE = """\
@@ -151,6 +156,8 @@ def command(
         raise ConfigError(f"{directory} already holds a stampd installation ({existing[0]}); use --force to replace it")
     if rsa_pss:
         click.echo(PSS_WARNING, err=True)
+    if kind is KeyType.ED25519:
+        click.echo(ED25519_WARNING, err=True)
 
     directory.mkdir(parents=True, exist_ok=True)
     pki = create_demo_pki(

@@ -39,3 +39,10 @@ from stampd.cli import tokens as _tokens  # noqa: E402
 
 cli.add_command(_serve.command)
 cli.add_command(_tokens.command)
+
+
+from stampd.cli import stamp as _stamp  # noqa: E402
+from stampd.cli import verify as _verify  # noqa: E402
+
+cli.add_command(_verify.command)
+cli.add_command(_stamp.command)

@@ -157,6 +157,12 @@ class PssParams:
     trailer_field: int
 
 
+class _TimeStampResp(core.Sequence):  # type: ignore[misc]
+    """TimeStampResp with timeStampToken OPTIONAL, as RFC 3161 §2.4.2 has it (asn1crypto makes it mandatory)."""
+
+    _fields = [("status", tsp.PKIStatusInfo), ("time_stamp_token", cms.ContentInfo, {"optional": True})]
+
+
 # --- entry points --------------------------------------------------------------------------------------------
 
 
@@ -164,7 +170,7 @@ def read_response(data: bytes) -> TimeStampResponse:
     """Decode a DER TimeStampResp; a token, if any, is decoded too (RFC 3161 §2.4.2)."""
     _check_encoding(data)
     try:
-        resp = tsp.TimeStampResp.load(data, strict=True)
+        resp = _TimeStampResp.load(data, strict=True)
         status = _status(resp["status"])
         token_obj = resp["time_stamp_token"]
         token_der = None if isinstance(token_obj, core.Void) else token_obj.dump()
@@ -191,7 +197,7 @@ def is_bare_token(data: bytes) -> bool:
     """Tell a ContentInfo (SEQUENCE starting with an OID) from a TimeStampResp (starting with PKIStatusInfo)."""
     try:
         outer = core.Sequence.load(data)
-        first = outer.contents[:1]
+        first = bytes(outer.contents[:1])
     except Exception as e:
         raise ParseError(f"not DER: {e}") from e
     return first == b"\x06"
@@ -280,7 +286,8 @@ def read_pss_params(params: bytes | None) -> PssParams:
 def names_equal(a: bytes, b: bytes) -> bool:
     """Compare two DER Names as RFC 5280 §7.1 says (case- and space-insensitive); False if either is malformed."""
     try:
-        return bool(x509.Name.load(a, strict=True) == x509.Name.load(b, strict=True))
+        same: bool = x509.Name.load(a, strict=True) == x509.Name.load(b, strict=True)
+        return same
     except Exception:
         return False
 
@@ -349,7 +356,7 @@ def _tst_info(econtent: bytes) -> TSTInfo:
     tsa_der = None
     tsa_dir = None
     if not isinstance(tsa, core.Void):
-        tsa_der = tsa.dump()
+        tsa_der = tsa.untag().dump()
         if tsa.name == "directory_name":
             tsa_dir = tsa.chosen.untag().dump()
     extensions = tst["extensions"]
@@ -370,8 +377,7 @@ def _tst_info(econtent: bytes) -> TSTInfo:
         extensions=()
         if isinstance(extensions, core.Void)
         else tuple(
-            TokenExtension(oid=e["extn_id"].dotted, critical=bool(e["critical"].native))
-            for e in _bounded(extensions)
+            TokenExtension(oid=e["extn_id"].dotted, critical=bool(e["critical"].native)) for e in _bounded(extensions)
         ),
     )
 
@@ -380,7 +386,9 @@ def _signer_info(si: Any) -> SignerInfo:
     sid = si["sid"]
     if sid.name == "issuer_and_serial_number":
         ias = sid.chosen
-        signer_id = SignerId(issuer=ias["issuer"].dump(), serial=_int(ias["serial_number"]), subject_key_identifier=None)
+        signer_id = SignerId(
+            issuer=ias["issuer"].dump(), serial=_int(ias["serial_number"]), subject_key_identifier=None
+        )
     else:
         signer_id = SignerId(issuer=None, serial=None, subject_key_identifier=_octets(sid.chosen))
     attrs_obj = si["signed_attrs"]
@@ -441,9 +449,7 @@ def _bits(contents: bytes) -> tuple[int, ...]:
     """Numbers of the bits set in a BIT STRING (X.690 §8.6), bit 0 being the first."""
     if not contents or contents[0] > 7 or (len(contents) == 1 and contents[0]):
         raise ParseError("malformed BIT STRING")
-    return tuple(
-        i * 8 + j for i, byte in enumerate(contents[1:]) for j in range(8) if byte & (0x80 >> j)
-    )
+    return tuple(i * 8 + j for i, byte in enumerate(contents[1:]) for j in range(8) if byte & (0x80 >> j))
 
 
 def _generalized_time(obj: Any) -> tuple[datetime, str]:

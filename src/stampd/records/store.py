@@ -4,6 +4,7 @@ only after the transaction holding its record has committed (RFC 3628 §7.4.8; S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -87,7 +88,6 @@ class RecordStore:
         except SQLAlchemyError as e:
             raise RecordingError(f"cannot open the records at {url}: {e}") from e
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
 
     # --- issuance path ---
@@ -95,7 +95,6 @@ class RecordStore:
     async def record(self, record: TokenRecord) -> None:
         loop = asyncio.get_running_loop()
         if self._writer is None:
-            self._loop = loop
             self._writer = threading.Thread(target=self._write_batches, name="stampd-records", daemon=True)
             self._writer.start()
         future: asyncio.Future[None] = loop.create_future()
@@ -120,8 +119,7 @@ class RecordStore:
                         break
                     batch.append(item)  # type: ignore[arg-type]
                 outcomes = self._commit(conn, [row for row, _ in batch])
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(_settle, [f for _, f in batch], outcomes)
+                _settle_threadsafe([f for _, f in batch], outcomes)
 
     def _commit(self, conn: Connection, rows: list[dict[str, Any]]) -> list[RecordingError | None]:
         try:
@@ -181,6 +179,18 @@ class RecordStore:
             self._writer.join()
             self._writer = None
         self._engine.dispose()
+
+
+def _settle_threadsafe(futures: list[asyncio.Future[None]], outcomes: list[RecordingError | None]) -> None:
+    """Wake the waiting requests with one call per event loop (one loop per worker process in practice)."""
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future[None]], list[RecordingError | None]]] = {}
+    for future, outcome in zip(futures, outcomes, strict=True):
+        waiting, results = by_loop.setdefault(future.get_loop(), ([], []))
+        waiting.append(future)
+        results.append(outcome)
+    for loop, (waiting, results) in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, waiting, results)
 
 
 def _settle(futures: Iterable[asyncio.Future[None]], outcomes: Iterable[RecordingError | None]) -> None:

@@ -1,0 +1,240 @@
+"""`stampd init`: demo PKI, configuration and refusals (SPEC CRT-01..05, ALG-01..04, TST-02)."""
+
+from __future__ import annotations
+
+import stat
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
+
+from stampd.cli import main as cli_main
+from stampd.cli.init import ED25519_WARNING, PSS_WARNING, new_policy_oid
+from stampd.signers import FileSigner, load_encrypted_key, read_passphrase_file
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli_main.cli, ["init", *args])
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """Run through the real entry point, where a StampdError becomes exit status 2."""
+    monkeypatch.setattr(sys, "argv", ["stampd", "init", *args])
+    with pytest.raises(SystemExit) as excinfo:
+        cli_main.main()
+    code = excinfo.value.code
+    assert isinstance(code, int)
+    return code
+
+
+def config_of(directory: Path) -> dict[str, Any]:
+    with (directory / "stampd.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+@pytest.fixture
+def tsa(tmp_path: Path) -> tuple[Path, Result]:
+    directory = tmp_path / "tsa"
+    result = run(str(directory), "--organization", "Example TSA Ltd", "--country", "gb", "--name", "lon-1")
+    assert result.exit_code == 0, result.output
+    return directory, result
+
+
+def test_summary_ends_with_trust_anchor(tsa: tuple[Path, Result]) -> None:
+    directory, result = tsa
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == f"Trust anchor: {directory}/pki/root.pem"
+    assert f"stampd serve -c {directory}/stampd.toml" in result.stdout
+
+
+def test_output_never_shows_passphrases(tsa: tuple[Path, Result]) -> None:
+    directory, result = tsa
+    for name in ("ca.pass", "tsu.pass"):
+        assert read_passphrase_file(directory / "secrets" / name).decode() not in result.output
+
+
+def test_config_has_the_schema(tsa: tuple[Path, Result]) -> None:
+    directory, _ = tsa
+    config = config_of(directory)
+    assert config["server"] == {
+        "listen": "127.0.0.1:3180",
+        "max_request_bytes": 65536,
+        "request_timeout": "10s",
+        "workers": 1,
+    }
+    assert config["records"] == {"url": "sqlite:///records.sqlite3"}
+    assert config["clock"] == {"accuracy": "1s"}
+    tsu = config["tsu"]["default"]
+    assert tsu["path"] == "/"
+    assert tsu["certificate"] == "pki/tsu.pem"
+    assert tsu["chain"] == ["pki/issuing-ca.pem"]
+    assert tsu["trust_anchor"] == "pki/root.pem"
+    assert tsu["accepted_policies"] == [tsu["default_policy"]]
+    assert tsu["hash_algorithms"] == ["sha256", "sha384", "sha512"]
+    assert tsu["gen_time_precision"] == "ms"
+    assert tsu["signature_hash"] == "sha256"
+    assert tsu["rsa_pss"] is False
+    assert tsu["key"] == {
+        "backend": "file",
+        "path": "pki/tsu-key.pem",
+        "passphrase_file": "secrets/tsu.pass",
+    }
+    assert set(tsu) == {
+        "path", "certificate", "chain", "trust_anchor", "default_policy", "accepted_policies",
+        "hash_algorithms", "gen_time_precision", "signature_hash", "rsa_pss", "key",
+    }  # fmt: skip
+
+
+def test_default_policy_is_a_fresh_uuid_oid_tst_02(tsa: tuple[Path, Result], tmp_path: Path) -> None:
+    """TST-02: a documented default policy; under 2.25 (X.667) it needs no registration to be unique."""
+    directory, result = tsa
+    policy = config_of(directory)["tsu"]["default"]["default_policy"]
+    root, arc, value = policy.split(".")
+    assert (root, arc) == ("2", "25")
+    assert 0 < int(value) < 2**128
+    assert policy in result.stdout
+    assert run(str(tmp_path / "other")).exit_code == 0
+    assert config_of(tmp_path / "other")["tsu"]["default"]["default_policy"] != policy
+    assert new_policy_oid() != new_policy_oid()
+
+
+def test_config_paths_give_a_working_signer_crt_01_05(tsa: tuple[Path, Result]) -> None:
+    """Everything the config names exists relative to it, and the key signs for the certificate."""
+    directory, _ = tsa
+    tsu = config_of(directory)["tsu"]["default"]
+    certificate = x509.load_pem_x509_certificate((directory / tsu["certificate"]).read_bytes())
+    anchor = x509.load_pem_x509_certificate((directory / tsu["trust_anchor"]).read_bytes())
+    (issuing,) = [x509.load_pem_x509_certificate((directory / p).read_bytes()) for p in tsu["chain"]]
+    certificate.verify_directly_issued_by(issuing)
+    issuing.verify_directly_issued_by(anchor)
+
+    eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
+    assert certificate.subject.rfc4514_string() == "CN=Example TSA Ltd TSU lon-1,O=Example TSA Ltd,C=GB"
+
+    passphrase = read_passphrase_file(directory / tsu["key"]["passphrase_file"])
+    key = load_encrypted_key(directory / tsu["key"]["path"], passphrase)
+    signer = FileSigner(key, tsu["signature_hash"], rsa_pss=tsu["rsa_pss"])
+    public_key = certificate.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert signer.signature_algorithm == bytes.fromhex("300A06082A8648CE3D040302")  # ALG-03
+    public_key.verify(signer.sign(b"attrs"), b"attrs", ec.ECDSA(hashes.SHA256()))
+
+
+def test_secret_modes(tsa: tuple[Path, Result]) -> None:
+    directory, _ = tsa
+    assert stat.S_IMODE((directory / "secrets").stat().st_mode) == 0o700
+    for path in [*(directory / "secrets").iterdir(), *(directory / "pki").glob("*-key.pem")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.parametrize(("key_type", "signature_hash"), [("ed25519", "sha512"), ("ec-p384", "sha384")])
+def test_signature_hash_follows_the_key_alg_03_04(key_type: str, signature_hash: str, tmp_path: Path) -> None:
+    result = run(str(tmp_path), "--key-type", key_type)
+    assert result.exit_code == 0, result.output
+    tsu = config_of(tmp_path)["tsu"]["default"]
+    assert tsu["signature_hash"] == signature_hash
+    key = load_encrypted_key(tmp_path / "pki/tsu-key.pem", read_passphrase_file(tmp_path / "secrets/tsu.pass"))
+    FileSigner(key, tsu["signature_hash"], rsa_pss=tsu["rsa_pss"])  # the configuration is consistent
+
+
+def test_listen_is_written(tmp_path: Path) -> None:
+    assert run(str(tmp_path), "--listen", "[::1]:8318").exit_code == 0
+    assert config_of(tmp_path)["server"]["listen"] == "[::1]:8318"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--listen", "localhost"], ["--listen", "0.0.0.0:99999"], ["--listen", 'a"b:1'], ["--country", "DEU"]],
+)
+def test_bad_options_are_usage_errors(args: list[str], tmp_path: Path) -> None:
+    result = run(str(tmp_path / "tsa"), *args)
+    assert result.exit_code == 2
+    assert not (tmp_path / "tsa").exists()
+
+
+def test_refuses_existing_installation_without_force(
+    tsa: tuple[Path, Result], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, _ = tsa
+    before = (directory / "pki" / "tsu.pem").read_bytes()
+    config_before = (directory / "stampd.toml").read_bytes()
+    assert run_main(monkeypatch, str(directory)) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (directory / "pki" / "tsu.pem").read_bytes() == before
+    assert (directory / "stampd.toml").read_bytes() == config_before
+
+
+def test_refuses_existing_pki_without_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "pki").mkdir()
+    assert run_main(monkeypatch, str(tmp_path)) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert not (tmp_path / "stampd.toml").exists()
+
+
+def test_force_replaces_pki_and_config(tsa: tuple[Path, Result]) -> None:
+    directory, _ = tsa
+    before = (directory / "pki" / "tsu.pem").read_bytes()
+    policy = config_of(directory)["tsu"]["default"]["default_policy"]
+    result = run(str(directory), "--force", "--key-type", "ed25519")
+    assert result.exit_code == 0, result.output
+    assert (directory / "pki" / "tsu.pem").read_bytes() != before
+    tsu = config_of(directory)["tsu"]["default"]
+    assert tsu["default_policy"] != policy
+    assert tsu["signature_hash"] == "sha512"
+    assert stat.S_IMODE((directory / "pki" / "tsu-key.pem").stat().st_mode) == 0o600
+
+
+def test_rsa_pss_with_ec_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_main(monkeypatch, str(tmp_path / "tsa"), "--rsa-pss") == 2
+    assert "RSA key type" in capsys.readouterr().err
+    assert not (tmp_path / "tsa").exists()
+
+
+def test_rsa_pss_warns_and_configures_pss_alg_02(tmp_path: Path) -> None:
+    result = run(str(tmp_path), "--key-type", "rsa-2048", "--rsa-pss")
+    assert result.exit_code == 0, result.output
+    assert PSS_WARNING in result.stderr
+    for client in ("OpenSSL", "Java", "Windows"):
+        assert client in result.stderr
+    assert "warning" not in result.stdout
+    tsu = config_of(tmp_path)["tsu"]["default"]
+    assert tsu["rsa_pss"] is True
+    assert tsu["signature_hash"] == "sha256"
+    certificate = x509.load_pem_x509_certificate((tmp_path / "pki/tsu.pem").read_bytes())
+    assert certificate.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS
+
+
+def test_ed25519_warns_about_verifier_support_alg_04(tmp_path: Path) -> None:
+    result = run(str(tmp_path), "--key-type", "ed25519")
+    assert result.exit_code == 0, result.output
+    assert ED25519_WARNING in result.stderr
+
+
+def test_rsa_without_pss_uses_pkcs1_alg_01(tmp_path: Path) -> None:
+    result = run(str(tmp_path), "--key-type", "rsa-2048")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert config_of(tmp_path)["tsu"]["default"]["rsa_pss"] is False
+    certificate = x509.load_pem_x509_certificate((tmp_path / "pki/tsu.pem").read_bytes())
+    assert certificate.signature_algorithm_oid == SignatureAlgorithmOID.RSA_WITH_SHA256
+
+
+def test_too_long_name_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_main(monkeypatch, str(tmp_path / "tsa"), "--organization", "x" * 60) == 2
+    assert not (tmp_path / "tsa").exists()
+
+
+def test_command_is_registered() -> None:
+    assert "init" in cli_main.cli.commands

@@ -1,0 +1,82 @@
+"""The SQL record store: group commit, look-ups, and no token answered without a committed record (SPEC OPS-09)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from stampd.errors import RecordingError
+from stampd.model import TokenRecord
+from stampd.records.store import RecordStore
+
+
+def record(serial: int, imprint: bytes = b"\x01" * 32, nonce: int | None = 7) -> TokenRecord:
+    return TokenRecord(
+        serial=serial,
+        gen_time_ns=1772366400_123_000_000,
+        gen_time="20260301120000.123Z",
+        tsu="default",
+        policy="2.25.7",
+        hash_oid="2.16.840.1.101.3.4.2.1",
+        imprint=imprint,
+        nonce=nonce,
+        token=b"\x30\x03" + serial.to_bytes(20, "big"),
+        requester="::1",
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RecordStore:
+    s = RecordStore(f"sqlite:///{tmp_path / 'records.sqlite3'}")
+    yield s
+    s.close()
+
+
+async def record_all(store: RecordStore, records: list[TokenRecord]) -> list[BaseException | None]:
+    return await asyncio.gather(*(store.record(r) for r in records), return_exceptions=True)
+
+
+def test_concurrent_records_are_committed_and_read_back(store: RecordStore, tmp_path: Path) -> None:
+    records = [record(2**159 + i, imprint=bytes([i % 7]) * 32, nonce=None if i % 2 else -i) for i in range(1000)]
+    assert asyncio.run(record_all(store, records)) == [None] * 1000
+    with sqlite3.connect(tmp_path / "records.sqlite3") as db:
+        assert db.execute("select count(*) from tokens").fetchone() == (1000,)
+        assert db.execute("pragma journal_mode").fetchone() == ("wal",)
+    assert store.token_by_serial(2**159 + 5) == records[5]
+    assert store.token_by_serial(12345) is None
+    found = store.tokens_by_imprint(bytes([3]) * 32)
+    assert {r.serial for r in found} == {2**159 + i for i in range(1000) if i % 7 == 3}
+
+
+def test_duplicate_serial_fails_only_that_token_tst_04(store: RecordStore) -> None:
+    asyncio.run(record_all(store, [record(1)]))
+    outcomes = asyncio.run(record_all(store, [record(2), record(1), record(3)]))
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], RecordingError)
+    assert store.token_by_serial(1) == record(1)
+
+
+def test_a_failing_database_fails_every_waiting_request(store: RecordStore, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "records.sqlite3") as db:
+        db.execute("create trigger refuse before insert on tokens begin select raise(abort, 'refused'); end")
+    outcomes = asyncio.run(record_all(store, [record(10), record(11)]))
+    assert all(isinstance(o, RecordingError) for o in outcomes)
+    assert store.token_by_serial(10) is None
+
+
+def test_events_are_recorded_in_order(store: RecordStore) -> None:
+    store.record_event("service.started", {"pid": 1})
+    store.record_event("service.stopped", {"pid": 1}, tsu="default")
+    events = store.events()
+    assert [(e["kind"], e["tsu"], e["detail"]) for e in events] == [
+        ("service.started", None, {"pid": 1}),
+        ("service.stopped", "default", {"pid": 1}),
+    ]
+
+
+def test_unreachable_database_is_a_recording_error(tmp_path: Path) -> None:
+    with pytest.raises(RecordingError, match="cannot open the records"):
+        RecordStore(f"sqlite:///{tmp_path / 'missing-dir' / 'records.sqlite3'}")

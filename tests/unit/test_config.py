@@ -1,0 +1,119 @@
+"""stampd.toml loading: defaults, resolution of relative paths, and errors that name the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stampd.config import config_path, load_config, parse_duration_us
+from stampd.errors import ConfigError
+
+MINIMAL = """
+[tsu.default]
+certificate = "pki/tsu.pem"
+trust_anchor = "pki/root.pem"
+default_policy = "2.25.7"
+[tsu.default.key]
+path = "pki/tsu-key.pem"
+passphrase_file = "secrets/tsu.pass"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "stampd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 3180)
+    assert config.server.max_request_bytes == 65536 and config.server.request_timeout_s == 10.0
+    assert config.clock.accuracy_us == 1_000_000
+    assert config.records.url == f"sqlite:///{tmp_path.resolve()}/records.sqlite3"
+    (tsu,) = config.tsus
+    assert tsu.path == "/" and tsu.gen_time_digits == 3
+    assert tsu.hash_algorithms == {"sha256", "sha384", "sha512"}  # SHA-1 off unless enabled (REQ-03)
+    assert tsu.certificate == tmp_path / "pki/tsu.pem"
+    assert tsu.key.passphrase_file == tmp_path / "secrets/tsu.pass"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("16s", 16_000_000),
+        ("500ms", 500_000),
+        ("2m", 120_000_000),
+        ("250us", 250),
+        ("250µs", 250),
+        ("1.5s", 1_500_000),
+    ],
+)
+def test_durations_have_units(text: str, field: int) -> None:
+    assert parse_duration_us(text) == field
+
+
+@pytest.mark.parametrize("bad", ["16", "s", "1 sec", "-1s", ""])
+def test_durations_without_units_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration_us(bad)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('[server]\nlisten = "nowhere"\n', "server.listen: expected HOST:PORT"),
+        ("[server]\nworkers = 0\n", "server.workers: must be between"),
+        ('[server]\nworkers = "two"\n', "server.workers: expected int"),
+        ("[server]\nmax_request_bytes = true\n", "server.max_request_bytes: expected int"),
+        ('[server]\nrequest_timeout = "10"\n', "server.request_timeout: expected a duration"),
+        ('[clock]\naccuracy = "0s"\n', "clock.accuracy: must be positive"),
+        ('[records]\nurl = "mysql://x"\n', "records.url: expected sqlite"),
+        ("[server]\nlisten_port = 3\n", "server.listen_port: unknown setting"),
+        ("[bogus]\n", "bogus: unknown setting"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, change: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, change + MINIMAL))
+    assert str(e.value).startswith(str(tmp_path / "stampd.toml"))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('default_policy = "2.25.7"', 'default_policy = "policy-one"', "tsu.default.default_policy: 'policy-one'"),
+        ('default_policy = "2.25.7"', 'default_policy = "2.25.7"\nhash_algorithms = ["md5"]', "unknown hash 'md5'"),
+        ('default_policy = "2.25.7"', 'default_policy = "2.25.7"\ngen_time_precision = "ns"', "gen_time_precision"),
+        ('default_policy = "2.25.7"\n', "", "tsu.default.default_policy: is required"),
+        ('passphrase_file = "secrets/tsu.pass"', "", "set exactly one of passphrase_file and passphrase_env"),
+        ('path = "pki/tsu-key.pem"', 'path = "pki/tsu-key.pem"\nbackend = "kms"', "unknown key backend 'kms'"),
+    ],
+)
+def test_tsu_errors_name_the_field(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL.replace(old, new)))
+    assert message in str(e.value)
+
+
+def test_two_tsus_on_one_path_are_refused(tmp_path: Path) -> None:
+    second = MINIMAL.replace("[tsu.default", "[tsu.other").replace("[tsu.other]", '[tsu.other]\npath = "/"')
+    with pytest.raises(ConfigError, match="same path '/'"):
+        load_config(write(tmp_path, MINIMAL + second))
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stampd init"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[server\n"))
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STAMPD_CONFIG", raising=False)
+    assert config_path(None) == Path("stampd.toml")
+    monkeypatch.setenv("STAMPD_CONFIG", "/etc/stampd/stampd.toml")
+    assert config_path(None) == Path("/etc/stampd/stampd.toml")
+    assert config_path("x.toml") == Path("x.toml")

@@ -1,0 +1,137 @@
+"""The core with injected ports: a token leaves only once recorded; failures become one rejection bit.
+
+SPEC STS-01, STS-02, STS-06, TST-04, OPS-09, REQ-08, REQ-14.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from stampd.der.token import GenTimeFormatter
+from stampd.der.token_reader import read_response
+from stampd.errors import FailureInfo, RecordingError, SigningError, TimeNotAvailable
+from stampd.issuance import TimeStampingUnit
+from stampd.model import TokenRecord
+from stampd.policy import IssuancePolicy
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "stampd"
+sys.path.insert(0, str(VECTORS))
+
+from golden import GOLDEN_NS, GOLDEN_POLICY, SHA256_REQUEST, golden_template  # noqa: E402
+
+
+class FixedClock:
+    def __init__(self, ns: int | None) -> None:
+        self.ns = ns
+
+    def now_ns(self) -> int:
+        if self.ns is None:
+            raise TimeNotAvailable("time is not available")
+        return self.ns
+
+
+class CountingSerials:
+    def __init__(self) -> None:
+        self.next = 0
+
+    def next_serial(self) -> int:
+        self.next += 1
+        return self.next
+
+
+class MemoryRecords:
+    def __init__(self, fail: bool = False) -> None:
+        self.records: list[TokenRecord] = []
+        self.fail = fail
+
+    async def record(self, record: TokenRecord) -> None:
+        if self.fail:
+            raise RecordingError("disk full")
+        self.records.append(record)
+
+
+def unit(clock: FixedClock, records: MemoryRecords, sign_fails: bool = False) -> TimeStampingUnit:
+    template = golden_template(VECTORS / "pki")
+    if sign_fails:
+
+        def broken(_: bytes) -> bytes:
+            raise SigningError("HSM unplugged")
+
+        template._sign = broken
+    return TimeStampingUnit(
+        name="golden",
+        policy=IssuancePolicy(GOLDEN_POLICY, frozenset(), frozenset({"sha256"})),
+        template=template,
+        gen_time=GenTimeFormatter(3),
+        clock=clock,
+        serials=CountingSerials(),
+        records=records,
+    )
+
+
+def status_of(der: bytes) -> tuple[int, tuple[int, ...]]:
+    status = read_response(der).status
+    return status.status, status.fail_bits
+
+
+def test_granted_token_is_recorded_before_it_is_returned() -> None:
+    records = MemoryRecords()
+    der = asyncio.run(unit(FixedClock(GOLDEN_NS + 456_789), records).respond(SHA256_REQUEST, "192.0.2.7"))
+    assert status_of(der) == (0, ())
+    (record,) = records.records
+    assert record.token == der
+    assert record.serial == 1 and record.tsu == "golden" and record.policy == GOLDEN_POLICY
+    assert record.gen_time == "20260301120000.123Z" and record.gen_time_ns == GOLDEN_NS
+    assert record.nonce == SHA256_REQUEST.nonce and record.imprint == SHA256_REQUEST.imprint.digest
+    assert record.requester == "192.0.2.7"
+    assert b"192.0.2.7" not in der and bytes([192, 0, 2, 7]) not in der  # REQ-14
+
+
+def test_serials_differ_per_token_tst_04() -> None:
+    records = MemoryRecords()
+    tsu = unit(FixedClock(GOLDEN_NS), records)
+    for _ in range(3):
+        asyncio.run(tsu.respond(SHA256_REQUEST, None))
+    assert [r.serial for r in records.records] == [1, 2, 3]
+
+
+def test_recording_failure_returns_system_failure_and_no_token() -> None:
+    der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords(fail=True)).respond(SHA256_REQUEST, None))
+    assert status_of(der) == (2, (FailureInfo.SYSTEM_FAILURE,))
+    assert len(der) < 200
+
+
+def test_signing_failure_is_system_failure_sts_06() -> None:
+    records = MemoryRecords()
+    der = asyncio.run(unit(FixedClock(GOLDEN_NS), records, sign_fails=True).respond(SHA256_REQUEST, None))
+    assert status_of(der) == (2, (FailureInfo.SYSTEM_FAILURE,))
+    assert records.records == []
+
+
+def test_untrusted_clock_is_time_not_available_sts_06() -> None:
+    records = MemoryRecords()
+    der = asyncio.run(unit(FixedClock(None), records).respond(SHA256_REQUEST, None))
+    assert status_of(der) == (2, (FailureInfo.TIME_NOT_AVAILABLE,))
+    assert records.records == []
+
+
+def test_policy_rejection_carries_its_reason() -> None:
+    from dataclasses import replace
+
+    der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, policy="1.2.3"), None))
+    status = read_response(der).status
+    assert status.fail_bits == (FailureInfo.UNACCEPTED_POLICY,)
+    assert status.status_strings == ("policy 1.2.3 is not accepted",)
+
+
+@pytest.mark.parametrize("nonce", [None, 0, 1, 2**255, 2**256 - 1, -5])
+def test_nonce_echoed_by_value_req_07_req_08(nonce: int | None) -> None:
+    from dataclasses import replace
+
+    der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, nonce=nonce), None))
+    token = read_response(der).token
+    assert token is not None and token.tst_info.nonce == nonce
