@@ -345,7 +345,13 @@ def p384_tsa(tsa_factory: TsaFactory) -> LiveTsa:
     return tsa_factory("ec-p384")
 
 
-KEY_TSAS = ["ec_tsa", "p384_tsa", "rsa_tsa", "pss_tsa", "ed25519_tsa"]
+@pytest.fixture(scope="session")
+def rsa4096_tsa(tsa_factory: TsaFactory) -> LiveTsa:
+    """RSA-4096 TSU, PKCS#1 v1.5 with SHA-256 (key generation costs about 2 s)."""
+    return tsa_factory("rsa-4096")
+
+
+KEY_TSAS = ["ec_tsa", "p384_tsa", "rsa_tsa", "rsa4096_tsa", "pss_tsa", "ed25519_tsa"]
 """Fixture names of the TSAs of every key type, for ``indirect`` parametrisation via :func:`any_tsa`."""
 
 

@@ -255,13 +255,6 @@ def test_stampd_stamp_and_verify(any_tsa: LiveTsa, tmp_path: Path) -> None:
     assert "Verification: OK" in by_digest.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: stampd.cli.main.main() runs cli.main(standalone_mode=False) and discards its return value; "
-    "click returns (not raises) the code of ctx.exit(1), so `stampd verify` prints 'Verification: FAILED' and "
-    "exits 0",
-)
 def test_stampd_verify_exits_1_on_tampered_data(ec_tsa: LiveTsa, tmp_path: Path) -> None:
     """`stampd verify` of a genuine reply against other data reports FAILED and exits with status 1, as its help
     promises, so that scripts can rely on the exit status."""

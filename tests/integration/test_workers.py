@@ -133,13 +133,6 @@ def test_two_processes_2000_requests_tst04(two_process_tsa: list[LiveTsa]) -> No
     assert_records_hold_exactly(two_process_tsa[0], granted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # only the start-up failure: a session teardown failure must not pass as this xfail
-    reason="src bug: stampd.server.run.serve calls uvicorn.supervisors.Multiprocess(..., target=...), an argument "
-    "the installed uvicorn (0.54; pyproject allows >=0.30) no longer has, so `stampd serve --workers 2` dies at "
-    "start-up with TypeError: Multiprocess.__init__() got an unexpected keyword argument 'target'",
-)
 def test_two_workers_2000_requests_tst04(tsa_factory: TsaFactory) -> None:
     """TST-04, STS-02, OPS-09 with `stampd serve --workers 2`: 2,000 requests from 8 threads all granted, no
     duplicate serial, the records hold exactly the granted tokens, and both worker processes started."""
@@ -222,13 +215,6 @@ def _records_in_subdirectory(text: str) -> str:
     return edited
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # only the asserted symptom: a session teardown failure must not pass as this xfail
-    reason="src bug: RecordStore keeps writing to a records database whose directory was removed (SQLite in WAL "
-    "mode writes on into the unlinked files), so tokens are granted whose records are already lost "
-    "(GUIDE habit 13, OPS-09); stampd should notice the database is gone and answer systemFailure",
-)
 def test_records_directory_removed_mid_run_gives_system_failure(tsa_factory: TsaFactory) -> None:
     """OPS-09, STS-06, GUIDE habit 13: after the records database's directory is removed mid-run, no token may be
     granted, since its record cannot be durable anywhere an auditor will find it."""

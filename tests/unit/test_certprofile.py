@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from stampd.certprofile import key_matches_certificate, profile_problems, tsu_certificate_problems
 
 sys.path.insert(0, str(Path(__file__).parent / "verify"))
-import tsakit as k  # noqa: E402
+import tsakit as k
 
 PKI = k.make_pki("ec")
 AT = k.GEN_TIME

@@ -17,7 +17,7 @@ def cli() -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        status = cli.main(standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -29,20 +29,14 @@ def main() -> None:
     except StampdError as e:
         click.echo(f"stampd: error: {e}", err=True)
         sys.exit(2)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 from stampd.cli import init as _init  # noqa: E402
-
-cli.add_command(_init.command)
 from stampd.cli import serve as _serve  # noqa: E402
-from stampd.cli import tokens as _tokens  # noqa: E402
-
-cli.add_command(_serve.command)
-cli.add_command(_tokens.command)
-
-
 from stampd.cli import stamp as _stamp  # noqa: E402
+from stampd.cli import tokens as _tokens  # noqa: E402
 from stampd.cli import verify as _verify  # noqa: E402
 
-cli.add_command(_verify.command)
-cli.add_command(_stamp.command)
+for _command in (_init.command, _serve.command, _tokens.command, _stamp.command, _verify.command):
+    cli.add_command(_command)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import logging
+import logging.config
 
 import click
 
 from stampd.app import create_app
 from stampd.cli.options import config_option
 from stampd.config import load_config, split_listen
-from stampd.server.run import serve
+from stampd.server.run import LOG_CONFIG, serve
 
 
 @click.command("serve")
@@ -18,7 +18,7 @@ from stampd.server.run import serve
 @click.option("--workers", type=click.IntRange(1, 256), help="Override server.workers.")
 def command(config_file: str, listen: str | None, workers: int | None) -> None:
     """Serve RFC 3161 time-stamp requests over HTTP until interrupted."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.config.dictConfig(LOG_CONFIG)
     config = load_config(config_file)
     try:
         host, port = split_listen(listen) if listen else (config.server.host, config.server.port)

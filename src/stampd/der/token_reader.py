@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from asn1crypto import algos, cms, core, tsp, x509
 
@@ -160,7 +160,10 @@ class PssParams:
 class _TimeStampResp(core.Sequence):  # type: ignore[misc]
     """TimeStampResp with timeStampToken OPTIONAL, as RFC 3161 §2.4.2 has it (asn1crypto makes it mandatory)."""
 
-    _fields = [("status", tsp.PKIStatusInfo), ("time_stamp_token", cms.ContentInfo, {"optional": True})]
+    _fields: ClassVar[list[tuple[Any, ...]]] = [
+        ("status", tsp.PKIStatusInfo),
+        ("time_stamp_token", cms.ContentInfo, {"optional": True}),
+    ]
 
 
 # --- entry points --------------------------------------------------------------------------------------------

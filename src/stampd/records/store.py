@@ -1,21 +1,18 @@
-"""SQL record store with group commit: concurrent requests share one transaction, and each request is answered
-only after the transaction holding its record has committed (RFC 3628 §7.4.8; SPEC OPS-09)."""
+"""SQL record store with group commit: the requests of one event-loop iteration share one transaction, and each
+is answered only after the transaction holding its record has committed (RFC 3628 §7.4.8; SPEC OPS-09)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import queue
-import threading
+import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, event, insert, select
+from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
 from stampd.model import TokenRecord
@@ -26,7 +23,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 """Records per transaction at most: enough to amortise a commit, small enough to keep latency flat."""
 
-_STOP = object()
 _Pending = tuple[dict[str, Any], "asyncio.Future[None]"]
 
 
@@ -87,59 +83,79 @@ class RecordStore:
             metadata.create_all(self._engine)
         except SQLAlchemyError as e:
             raise RecordingError(f"cannot open the records at {url}: {e}") from e
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        database = self._engine.url.database if self._engine.dialect.name == "sqlite" else None
+        self._sqlite_file = (database, os.stat(database).st_ino) if database and database != ":memory:" else None
+        statement = insert(tokens).compile(dialect=self._engine.dialect)
+        self._insert_sql = str(statement)
+        self._insert_order = tuple(statement.positiontup or ()) if statement.positional else None
+        self._connection: Any = None
+        self._pending: list[_Pending] = []
 
     # --- issuance path ---
 
     async def record(self, record: TokenRecord) -> None:
+        """Wait until ``record`` is committed together with every other record made in this loop iteration.
+
+        The commit runs on the event loop itself, once per iteration (scheduled with ``call_soon``): a writer
+        thread would contend for the GIL with every signature, and measured 90-300 µs per token that way.
+        """
         loop = asyncio.get_running_loop()
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_batches, name="stampd-records", daemon=True)
-            self._writer.start()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((_row(record), future))
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((_row(record), future))
         await future
 
-    def _write_batches(self) -> None:
-        with self._engine.connect() as conn:
-            stopping = False
-            while not stopping:
-                first = self._queue.get()
-                if first is _STOP:
-                    break
-                batch: list[_Pending] = [first]  # type: ignore[list-item]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    batch.append(item)  # type: ignore[arg-type]
-                outcomes = self._commit(conn, [row for row, _ in batch])
-                _settle_threadsafe([f for _, f in batch], outcomes)
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        for start in range(0, len(batch), MAX_BATCH):
+            chunk = batch[start : start + MAX_BATCH]
+            rows = [row for row, _ in chunk]
+            order = self._insert_order
+            params = [tuple(row[k] for k in order) for row in rows] if order is not None else rows
+            for (_, future), error in zip(chunk, self._commit(params), strict=True):
+                if future.done():
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
 
-    def _commit(self, conn: Connection, rows: list[dict[str, Any]]) -> list[RecordingError | None]:
+    def _commit(self, params: list[Any]) -> list[RecordingError | None]:
+        """Insert a batch in one transaction; if that fails, row by row, so that one bad row (a duplicate
+        serial) fails only its own request."""
         try:
-            with conn.begin():
-                conn.execute(insert(tokens), rows)
-            return [None] * len(rows)
-        except IntegrityError:
-            return [self._commit_one(conn, row) for row in rows]
+            self._check_sqlite_file()
+            if self._connection is None:
+                self._connection = self._engine.raw_connection()
+            cursor = self._connection.cursor()
+            try:
+                cursor.executemany(self._insert_sql, params)
+                self._connection.commit()
+            except BaseException:
+                self._connection.rollback()
+                raise
+            finally:
+                cursor.close()
+            return [None] * len(params)
         except Exception as e:  # any failure must answer the waiting requests, never strand them
-            log.error("records: a batch of %d tokens could not be committed: %s", len(rows), e)
-            return [RecordingError("the records store failed")] * len(rows)
+            if len(params) == 1:
+                log.error("records: a token could not be committed: %s", e)
+                return [RecordingError("the records store failed")]
+        return [self._commit([p])[0] for p in params]
 
-    def _commit_one(self, conn: Connection, row: dict[str, Any]) -> RecordingError | None:
+    def _check_sqlite_file(self) -> None:
+        """SQLite writes on into a database file that was deleted or replaced: its records would be lost, so a
+        token must not be granted on them."""
+        if self._sqlite_file is None:
+            return
+        path, inode = self._sqlite_file
         try:
-            with conn.begin():
-                conn.execute(insert(tokens), [row])
-        except SQLAlchemyError as e:
-            log.error("records: token %s could not be committed: %s", row["serial"], e)
-            return RecordingError("the records store failed")
-        return None
+            same = os.stat(path).st_ino == inode
+        except OSError:
+            same = False
+        if not same:
+            raise RecordingError(f"the records database {path} was removed or replaced")
 
     # --- events and reads ---
 
@@ -173,31 +189,10 @@ class RecordStore:
         return [_record(r) for r in rows]
 
     def close(self) -> None:
-        """Finish every pending write, then release the database."""
-        if self._writer is not None:
-            self._queue.put(_STOP)
-            self._writer.join()
-            self._writer = None
+        """Commit what is pending, then release the database."""
+        if self._pending:
+            self._flush()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
         self._engine.dispose()
-
-
-def _settle_threadsafe(futures: list[asyncio.Future[None]], outcomes: list[RecordingError | None]) -> None:
-    """Wake the waiting requests with one call per event loop (one loop per worker process in practice)."""
-    by_loop: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future[None]], list[RecordingError | None]]] = {}
-    for future, outcome in zip(futures, outcomes, strict=True):
-        waiting, results = by_loop.setdefault(future.get_loop(), ([], []))
-        waiting.append(future)
-        results.append(outcome)
-    for loop, (waiting, results) in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, waiting, results)
-
-
-def _settle(futures: Iterable[asyncio.Future[None]], outcomes: Iterable[RecordingError | None]) -> None:
-    for future, error in zip(futures, outcomes, strict=True):
-        if future.done():
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)

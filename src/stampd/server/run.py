@@ -6,13 +6,22 @@ import os
 from typing import Any
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from stampd.config import CONFIG_ENV, Config
 from stampd.server.asgi import TimeStampApp
 from stampd.server.protocol import TimeStampHttpProtocol
 
 FACTORY = "stampd.app:create_app_from_environment"
+
+LOG_CONFIG: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "root": {"handlers": ["stderr"], "level": "INFO"},
+    "loggers": {"uvicorn": {"level": "INFO"}, "uvicorn.error": {"level": "INFO"}},
+}
+"""Applied in the serving process and again in every worker process (uvicorn configures each from it)."""
 
 
 def serve(config: Config, app: TimeStampApp, *, host: str, port: int, workers: int) -> None:
@@ -30,12 +39,10 @@ def serve(config: Config, app: TimeStampApp, *, host: str, port: int, workers: i
         "access_log": False,
         "server_header": False,
         "timeout_keep_alive": max(1, round(config.server.request_timeout_s)),
-        "log_config": None,
+        "log_config": LOG_CONFIG,
     }
     if workers == 1:
         uvicorn.Server(uvicorn.Config(app, **options)).run()
         return
     os.environ[CONFIG_ENV] = str(config.source.resolve())
-    server_config = uvicorn.Config(FACTORY, factory=True, workers=workers, **options)
-    sock = server_config.bind_socket()
-    Multiprocess(server_config, target=uvicorn.Server(server_config).run, sockets=[sock]).run()
+    uvicorn.run(FACTORY, factory=True, workers=workers, **options)

@@ -15,7 +15,7 @@ from stampd.der.request import decode_request
 from stampd.errors import StampdError, VerificationError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "verify"))
-import tsakit as k  # noqa: E402
+import tsakit as k
 
 PKI = k.make_pki("ec")
 DIGEST = hashlib.sha256(b"hello").digest()

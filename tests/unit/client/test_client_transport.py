@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 from collections.abc import Iterator
@@ -13,13 +14,13 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from stampd.cli.main import cli
-from stampd.client import post_request
+from stampd.client import build_request, post_request
 from stampd.der.request import decode_request
 from stampd.der.token_reader import read_response
 from stampd.errors import StampdError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "verify"))
-import tsakit as k  # noqa: E402
+import tsakit as k
 
 PKI = k.make_pki("ec")
 SEEN: list[tuple[str, str, bytes]] = []
@@ -63,11 +64,12 @@ def base_url() -> Iterator[str]:
     server.server_close()
 
 
-def test_post_request_sends_the_query_type_trn_01(base_url: str) -> None:
-    body = b"\x30\x00"
-    with pytest.raises(StampdError):  # the stub cannot decode it, but the request went out as specified
-        post_request(base_url + "/tsa", body)
-    assert SEEN[-1][:2] == ("/tsa", "application/timestamp-query") and SEEN[-1][2] == body
+def test_post_request_sends_the_query_type_and_returns_the_der_reply_trn_01(base_url: str) -> None:
+    _, body = build_request(hashlib.sha256(b"hello").digest(), "sha256", 42)
+    reply = post_request(base_url + "/tsa", body)
+    assert SEEN[-1] == ("/tsa", "application/timestamp-query", body)
+    token = read_response(reply).token
+    assert token is not None and token.tst_info.nonce == 42
 
 
 @pytest.mark.parametrize(("path", "needle"), [("/html", "Content-Type 'text/html'"), ("/down", "HTTP 503")])

@@ -75,6 +75,6 @@ def test_verify_identrust_with_der_anchor_and_digest() -> None:
 
 
 def test_verify_needs_exactly_one_of_data_and_digest(sigstage: tuple[Path, Path, Path]) -> None:
-    root, _, data = sigstage
+    root, _, _ = sigstage
     code, out = run("verify", VECTORS / "sigstage" / "response-sha256.tsr", "--ca", root)
     assert code == 2 and "exactly one of --data and --digest" in out
