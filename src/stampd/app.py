@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampd.certprofile import key_matches_certificate, tsu_certificate_problems
+from stampd.certprofile import key_matches_certificate, profile_problems
 from stampd.clock.system import SystemClock
 from stampd.config import CONFIG_ENV, Config, TsuConfig, config_path, load_config
 from stampd.der.token import GenTimeFormatter, TokenTemplate
@@ -26,6 +26,7 @@ from stampd.records.store import RecordStore
 from stampd.serials import RandomSerialSource
 from stampd.server.asgi import TimeStampApp
 from stampd.signers.keyfile import FileSigner, default_signature_hash, load_encrypted_key, read_passphrase_file
+from stampd.verify.chain import validate_chain
 
 log = logging.getLogger("stampd")
 
@@ -45,7 +46,9 @@ def _read_certificates(path: Path, field: str) -> list[x509.Certificate]:
     except OSError as e:
         raise ConfigError(f"{field}: cannot read {path}: {e.strerror}") from None
     try:
-        return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+        return (
+            x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+        )
     except ValueError as e:
         raise PKIError(f"{field}: {path} holds no readable certificate: {e}") from None
 
@@ -60,24 +63,6 @@ def _passphrase(tsu: TsuConfig) -> bytes:
     return value.encode()
 
 
-def _check_chain(tsu: TsuConfig, certificate: x509.Certificate, chain: list[x509.Certificate],
-                 anchor: x509.Certificate, now: datetime) -> None:
-    """The configured chain must lead from the TSU certificate to the anchor, every link valid now."""
-    path = [certificate, *chain]
-    if path[-1] != anchor:
-        path.append(anchor)
-    for child, parent in zip(path, path[1:], strict=False):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, Exception) as e:
-            raise PKIError(
-                f"tsu.{tsu.name}: {child.subject.rfc4514_string()} is not issued by {parent.subject.rfc4514_string()}"
-                f" ({type(e).__name__})"
-            ) from None
-        if not parent.not_valid_before_utc <= now <= parent.not_valid_after_utc:
-            raise PKIError(f"tsu.{tsu.name}: CA certificate {parent.subject.rfc4514_string()} is not valid now")
-
-
 def load_tsu(tsu: TsuConfig, now: datetime) -> LoadedTsu:
     """Load one TSU's key and certificates and refuse anything a relying party would reject (SPEC CRT-01..07)."""
     (certificate, *_) = _read_certificates(tsu.certificate, f"tsu.{tsu.name}.certificate")
@@ -87,10 +72,15 @@ def load_tsu(tsu: TsuConfig, now: datetime) -> LoadedTsu:
     signer = FileSigner(key, tsu.signature_hash or default_signature_hash(key), rsa_pss=tsu.rsa_pss)
     if not key_matches_certificate(signer.public_key, certificate):
         raise PKIError(f"tsu.{tsu.name}: the key {tsu.key.path} does not match the certificate {tsu.certificate}")
-    problems = tsu_certificate_problems(certificate, now)
-    if problems:
-        raise PKIError(f"tsu.{tsu.name}: the certificate {tsu.certificate} cannot be used: " + "; ".join(problems))
-    _check_chain(tsu, certificate, chain, anchor, now)
+    problems = profile_problems(certificate, now)
+    fatal = [str(p) for p in problems if p.fatal]
+    if fatal:
+        raise PKIError(f"tsu.{tsu.name}: the certificate {tsu.certificate} cannot be used: " + "; ".join(fatal))
+    for problem in problems:
+        log.warning("tsu.%s: certificate %s: %s", tsu.name, tsu.certificate, problem)
+    path = validate_chain(certificate, intermediates=chain, anchors=[anchor], at=now)
+    if not path.ok:
+        raise PKIError(f"tsu.{tsu.name}: no valid chain to {tsu.trust_anchor}: " + "; ".join(path.problems))
     return LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
 
 
@@ -130,8 +120,9 @@ def create_app(config: Config) -> TimeStampApp:
         certificates_pem[tsu.path] = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
 
     def started() -> None:
-        store.record_event("service.started", {"pid": os.getpid(), "tsus": [t.name for t in config.tsus],
-                                               "clock": "unmonitored"})
+        store.record_event(
+            "service.started", {"pid": os.getpid(), "tsus": [t.name for t in config.tsus], "clock": "unmonitored"}
+        )
         log.warning("clock: NOT MONITORED: tokens carry the host's time unchecked (demo profile)")
         for tsu in config.tsus:
             log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)

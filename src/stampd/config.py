@@ -81,7 +81,7 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
 
 
 def parse_duration_us(text: str) -> int:
-    """"16s", "500ms", "2m", "250us" -> microseconds."""
+    """ "16s", "500ms", "2m", "250us" -> microseconds."""
     match = _DURATION.match(text) if isinstance(text, str) else None
     if not match:
         raise ValueError(f"expected a duration with a unit such as '1s', '500ms' or '2m', not {text!r}")
@@ -185,7 +185,7 @@ def _server(t: _Table) -> ServerConfig:
 
 
 def split_listen(listen: str) -> tuple[str, int]:
-    """"HOST:PORT" or "[v6]:PORT" -> (host, port)."""
+    """ "HOST:PORT" or "[v6]:PORT" -> (host, port)."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, not {listen!r}")

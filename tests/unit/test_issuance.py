@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,9 +121,9 @@ def test_untrusted_clock_is_time_not_available_sts_06() -> None:
 
 
 def test_policy_rejection_carries_its_reason() -> None:
-    from dataclasses import replace
-
-    der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, policy="1.2.3"), None))
+    der = asyncio.run(
+        unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, policy="1.2.3"), None)
+    )
     status = read_response(der).status
     assert status.fail_bits == (FailureInfo.UNACCEPTED_POLICY,)
     assert status.status_strings == ("policy 1.2.3 is not accepted",)
@@ -130,8 +131,6 @@ def test_policy_rejection_carries_its_reason() -> None:
 
 @pytest.mark.parametrize("nonce", [None, 0, 1, 2**255, 2**256 - 1, -5])
 def test_nonce_echoed_by_value_req_07_req_08(nonce: int | None) -> None:
-    from dataclasses import replace
-
     der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, nonce=nonce), None))
     token = read_response(der).token
     assert token is not None and token.tst_info.nonce == nonce

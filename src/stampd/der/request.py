@@ -45,9 +45,7 @@ def decode_request(body: bytes) -> TimeStampRequest:
         nonce = req["nonce"].native
         cert_req = bool(req["cert_req"].native)
         extensions = req["extensions"]
-        extension_oids = (
-            tuple(ext["extn_id"].dotted for ext in extensions) if extensions.native is not None else ()
-        )
+        extension_oids = tuple(ext["extn_id"].dotted for ext in extensions) if extensions.native is not None else ()
     except ParseError:
         raise
     except Exception as e:  # asn1crypto raises ValueError, TypeError, KeyError... for malformed input

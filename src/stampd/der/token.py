@@ -72,7 +72,7 @@ class GenTimeFormatter:
         if digits not in (0, 3, 6):
             raise ValueError("genTime precision must be 0, 3 or 6 fraction digits")
         self.digits = digits
-        self._unit = 10 ** (9 - digits)
+        self._unit: int = 10 ** (9 - digits)
         self._second = -1
         self._prefix = ""
 
@@ -84,9 +84,7 @@ class GenTimeFormatter:
         second, rest = divmod(time_ns, 1_000_000_000)
         if second != self._second:
             t = time.gmtime(second)
-            self._prefix = (
-                f"{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}{t.tm_min:02d}{t.tm_sec:02d}"
-            )
+            self._prefix = f"{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}{t.tm_min:02d}{t.tm_sec:02d}"
             self._second = second
         if self.digits:
             fraction = f"{rest // self._unit:0{self.digits}d}".rstrip("0")
@@ -174,12 +172,7 @@ class TokenTemplate:
     def response(self, fields: TokenFields, *, with_certificates: bool) -> bytes:
         """A granted TimeStampResp holding the signed token."""
         tst_info = self.tst_info(fields)
-        attrs = (
-            self._attrs_before
-            + self._digest_attr_prefix
-            + self._hash(tst_info).digest()
-            + self._attrs_after
-        )
+        attrs = self._attrs_before + self._digest_attr_prefix + self._hash(tst_info).digest() + self._attrs_after
         signature = self._sign(tlv(0x31, attrs))
         signer_info = sequence(
             self._signer_info_head,
@@ -197,4 +190,3 @@ class TokenTemplate:
         )
         content_info = sequence(_SIGNED_DATA_OID, tlv(0xA0, signed_data))
         return sequence(GRANTED_STATUS, content_info)
-

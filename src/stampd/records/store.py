@@ -172,9 +172,7 @@ class RecordStore:
     def events(self) -> list[dict[str, Any]]:
         with self._engine.connect() as conn:
             rows = conn.execute(select(events).order_by(events.c.id)).all()
-        return [
-            {"at_us": r.at_us, "kind": r.kind, "tsu": r.tsu, "detail": json.loads(r.detail)} for r in rows
-        ]
+        return [{"at_us": r.at_us, "kind": r.kind, "tsu": r.tsu, "detail": json.loads(r.detail)} for r in rows]
 
     def token_by_serial(self, serial: int) -> TokenRecord | None:
         with self._engine.connect() as conn:
@@ -183,9 +181,7 @@ class RecordStore:
 
     def tokens_by_imprint(self, imprint: bytes) -> list[TokenRecord]:
         with self._engine.connect() as conn:
-            rows = conn.execute(
-                select(tokens).where(tokens.c.imprint == imprint).order_by(tokens.c.gen_time_us)
-            ).all()
+            rows = conn.execute(select(tokens).where(tokens.c.imprint == imprint).order_by(tokens.c.gen_time_us)).all()
         return [_record(r) for r in rows]
 
     def close(self) -> None:

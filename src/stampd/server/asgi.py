@@ -88,10 +88,12 @@ class TimeStampApp:
         except (TransportError, ParseError) as e:
             close = isinstance(e, PayloadTooLarge | RequestTimeout | LengthRequired)
             text = f"{e}\n".encode()
-            await _respond(send, e.http_status, b"text/plain; charset=utf-8", text, keep_alive_10 and not close, close)
+            await _respond(
+                send, e.http_status, b"text/plain; charset=utf-8", text, keep_alive_10 and not close, close=close
+            )
         except Exception:
             log.exception("internal error while serving %s %s", scope.get("method"), scope.get("path"))
-            await _respond(send, 500, b"text/plain; charset=utf-8", b"internal error\n", False, True)
+            await _respond(send, 500, b"text/plain; charset=utf-8", b"internal error\n", False, close=True)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The request body within the size and time limits; the size is refused before reading when declared."""
@@ -156,7 +158,7 @@ def _header(scope: Scope, name: bytes) -> bytes:
 
 
 async def _respond(
-    send: Send, status: int, content_type: bytes, body: bytes, keep_alive_10: bool, close: bool = False
+    send: Send, status: int, content_type: bytes, body: bytes, keep_alive_10: bool, *, close: bool = False
 ) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if close:

@@ -52,4 +52,3 @@ class TimeStampHttpProtocol(HttpToolsProtocol):
         self._head_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
-

@@ -9,13 +9,14 @@ import hashlib
 import re
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from asn1crypto import cms, core, parser, tsp
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from stampd.der.encoding import sorted_set_elements
 from stampd.der.response import rejection
@@ -41,7 +42,7 @@ PKI = VECTORS / "pki"
 class RejectionResp(core.Sequence):
     """TimeStampResp with the token optional, as RFC 3161 has it (asn1crypto's model requires the token)."""
 
-    _fields = [("status", tsp.PKIStatusInfo), ("time_stamp_token", cms.ContentInfo, {"optional": True})]
+    _fields: ClassVar = [("status", tsp.PKIStatusInfo), ("time_stamp_token", cms.ContentInfo, {"optional": True})]
 
 
 def top_level_tags(der: bytes) -> list[int]:
