@@ -137,7 +137,6 @@ def create_app(config: Config) -> TimeStampApp:
         units,
         certificates_pem,
         max_request_bytes=config.server.max_request_bytes,
-        request_timeout_s=config.server.request_timeout_s,
         on_startup=started,
         on_shutdown=stopping,
     )

@@ -21,7 +21,7 @@ from stampd.app import create_app
 from stampd.cli.main import cli
 from stampd.config import load_config
 from stampd.der.encoding import oid, sequence, tlv
-from stampd.der.request import MAX_NONCE_BITS, decode_request, encode_request
+from stampd.der.request import MAX_NONCE_BITS, decode_request, decode_request_asn1crypto, encode_request
 from stampd.errors import (
     BadAlgorithm,
     BadDataFormat,
@@ -467,3 +467,32 @@ def test_asgi_app_never_answers_500_req12_trn03(in_process_tsa: InProcessTsa, ca
             assert isinstance(resp["time_stamp_token"], core.Void)
             assert resp["status"]["fail_info"].native  # exactly one named failure
             assert len(resp["status"]["fail_info"].native) == 1
+
+
+def _asn1crypto_or_none(body: bytes) -> TimeStampRequest | None:
+    try:
+        return decode_request_asn1crypto(body)
+    except ParseError:
+        return None
+
+
+@settings(max_examples=1500)
+@given(st.one_of(mutated_requests().map(lambda m: m[1]), requests.map(encode_request), st.binary(max_size=256)))
+def test_direct_reader_agrees_with_asn1crypto_req12_req13(body: bytes) -> None:
+    """The hot-path reader and asn1crypto agree on every input both accept (values, not bytes: REQ-13).
+
+    The converse does not hold: asn1crypto also accepts elements a TimeStampReq cannot contain (an empty BIT STRING
+    where certReq belongs, found by this test), which the direct reader refuses."""
+    direct = _decode_or_none(body)
+    reference = _asn1crypto_or_none(body)
+    event(f"direct {'accepts' if direct else 'refuses'}, asn1crypto {'accepts' if reference else 'refuses'}")
+    if direct is not None and reference is not None:
+        assert direct == reference
+
+
+def test_indefinite_length_request_falls_back_to_asn1crypto_req13() -> None:
+    der = encode_request(
+        TimeStampRequest(1, MessageImprint(HASH_ALGORITHMS[2].oid, True, bytes(32)), None, 5, True, ())
+    )
+    ber = b"\x30\x80" + der[2:] + b"\x00\x00"
+    assert decode_request(ber) == decode_request(der)

@@ -5,7 +5,6 @@ A raw ASGI callable rather than a framework: on the issuance path every microsec
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -43,14 +42,12 @@ class TimeStampApp:
         certificates_pem: Mapping[str, bytes],
         *,
         max_request_bytes: int,
-        request_timeout_s: float,
         on_startup: Callable[[], None] = lambda: None,
         on_shutdown: Callable[[], None] = lambda: None,
     ) -> None:
         self._units = dict(units)
         self._certs = {_certs_path(path): pem for path, pem in certificates_pem.items()}
         self._max_request_bytes = max_request_bytes
-        self._request_timeout_s = request_timeout_s
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
 
@@ -96,7 +93,7 @@ class TimeStampApp:
             await _respond(send, 500, b"text/plain; charset=utf-8", b"internal error\n", False, close=True)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The request body within the size and time limits; the size is refused before reading when declared."""
+        """The request body within the size limit, refused before reading when the declared size exceeds it."""
         content_type = _header(scope, b"content-type")
         if content_type and content_type.split(b";", 1)[0].strip().lower() != TIMESTAMP_QUERY:
             raise UnsupportedMediaType("expected Content-Type: application/timestamp-query")
@@ -110,22 +107,18 @@ class TimeStampApp:
             raise LengthRequired("Content-Length is required")
         chunks: list[bytes] = []
         size = 0
-        try:
-            async with asyncio.timeout(self._request_timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise RequestTimeout("the client went away")
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self._max_request_bytes:
-                        raise PayloadTooLarge(f"a time-stamp request is at most {self._max_request_bytes} bytes")
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            raise RequestTimeout("the request body did not arrive in time") from None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # The protocol closes a connection whose request is not complete in time (TimeStampHttpProtocol).
+                raise RequestTimeout("the request body did not arrive in time")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_request_bytes:
+                raise PayloadTooLarge(f"a time-stamp request is at most {self._max_request_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
