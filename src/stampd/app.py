@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampd.certprofile import key_matches_certificate, profile_problems
+from stampd.certprofile import key_matches_certificate, profile_problems, signing_window
 from stampd.clock.system import SystemClock
 from stampd.config import CONFIG_ENV, Config, TsuConfig, config_path, load_config
 from stampd.der.token import GenTimeFormatter, TokenTemplate
@@ -84,6 +84,11 @@ def load_tsu(tsu: TsuConfig, now: datetime) -> LoadedTsu:
     return LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
 
 
+def _window_ns(certificate: x509.Certificate) -> tuple[int, int]:
+    start, end = signing_window(certificate)
+    return int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000 + 999_999_999
+
+
 def create_app(config: Config) -> TimeStampApp:
     now = datetime.now(UTC)
     loaded = [load_tsu(tsu, now) for tsu in config.tsus]
@@ -110,6 +115,7 @@ def create_app(config: Config) -> TimeStampApp:
             clock=clock,
             serials=serials,
             records=store,
+            signing_window_ns=_window_ns(item.certificate),
         )
         units[tsu.path] = unit
         if tsu.name == "default" and tsu.path != "/default":

@@ -157,6 +157,17 @@ def _validity(cert: x509.Certificate, extensions: x509.Extensions, at: datetime)
     return problems
 
 
+def signing_window(cert: x509.Certificate) -> tuple[datetime, datetime]:
+    """When the key may sign: the certificate's validity narrowed by its privateKeyUsagePeriod (SPEC CRT-06)."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    try:
+        period = cert.extensions.get_extension_for_class(x509.PrivateKeyUsagePeriod).value
+    except x509.ExtensionNotFound:
+        return start, end
+    period_start, period_end = _aware(period.not_before), _aware(period.not_after)
+    return max(start, period_start or start), min(end, period_end or end)
+
+
 def _aware(value: datetime | None) -> datetime | None:
     """cryptography gives privateKeyUsagePeriod as naive UTC datetimes."""
     if value is None or value.tzinfo is not None:

@@ -16,7 +16,11 @@ from stampd.ports import Clock, RecordSink, SerialSource
 
 
 class TimeStampingUnit:
-    """One TSU: one key, one certificate, one policy set (RFC 3628 §4.3)."""
+    """One TSU: one key, one certificate, one policy set (RFC 3628 §4.3).
+
+    ``signing_window_ns`` bounds the genTimes it may sign: a token outside its certificate's validity or key
+    usage period would fail every verifier that checks the chain at genTime (SPEC CRT-06, OPS-05, INT-11).
+    """
 
     def __init__(
         self,
@@ -28,8 +32,10 @@ class TimeStampingUnit:
         clock: Clock,
         serials: SerialSource,
         records: RecordSink,
+        signing_window_ns: tuple[int, int],
     ) -> None:
         self.name = name
+        self._not_before_ns, self._not_after_ns = signing_window_ns
         self.policy = policy
         self._template = template
         self._gen_time = gen_time
@@ -41,6 +47,8 @@ class TimeStampingUnit:
         """Sign a token for ``request``; raises a :class:`Rejection` naming the one failure bit."""
         policy = self.policy.policy_for(request)
         now_ns = self._gen_time.truncate(self._clock.now_ns())
+        if not self._not_before_ns <= now_ns <= self._not_after_ns:
+            raise SigningError("the TSU key may not sign now (certificate validity or privateKeyUsagePeriod)")
         gen_time = self._gen_time.text(now_ns)
         serial = self._serials.next_serial()
         fields = TokenFields(

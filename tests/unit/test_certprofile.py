@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from stampd.certprofile import key_matches_certificate, profile_problems, tsu_certificate_problems
+from stampd.certprofile import key_matches_certificate, profile_problems, signing_window, tsu_certificate_problems
 
 sys.path.insert(0, str(Path(__file__).parent / "verify"))
 import tsakit as k
@@ -94,3 +94,12 @@ def test_private_key_usage_period_crt_06() -> None:
 def test_key_matches_certificate_crt_07() -> None:
     assert key_matches_certificate(PKI.tsu_key.public_key(), PKI.tsu)
     assert not key_matches_certificate(PKI.ca_key.public_key(), PKI.tsu)
+
+
+def test_signing_window_is_validity_narrowed_by_key_usage_period_crt_06() -> None:
+    """The server refuses to sign outside this window (stampd.issuance); without a period it is the validity."""
+    assert signing_window(PKI.tsu) == (PKI.tsu.not_valid_before_utc, PKI.tsu.not_valid_after_utc)
+    narrowed = PKI.tsu_variant(private_key_usage_period=(k.at(1), k.at(2)))
+    assert signing_window(narrowed) == (k.at(1).replace(microsecond=0), k.at(2).replace(microsecond=0))
+    open_ended = PKI.tsu_variant(private_key_usage_period=(None, k.at(2)))
+    assert signing_window(open_ended) == (PKI.tsu.not_valid_before_utc, k.at(2).replace(microsecond=0))

@@ -55,7 +55,12 @@ class MemoryRecords:
         self.records.append(record)
 
 
-def unit(clock: FixedClock, records: MemoryRecords, sign_fails: bool = False) -> TimeStampingUnit:
+ALWAYS = (0, 2**63)
+
+
+def unit(
+    clock: FixedClock, records: MemoryRecords, sign_fails: bool = False, window: tuple[int, int] = ALWAYS
+) -> TimeStampingUnit:
     template = golden_template(VECTORS / "pki")
     if sign_fails:
 
@@ -71,6 +76,7 @@ def unit(clock: FixedClock, records: MemoryRecords, sign_fails: bool = False) ->
         clock=clock,
         serials=CountingSerials(),
         records=records,
+        signing_window_ns=window,
     )
 
 
@@ -134,3 +140,16 @@ def test_nonce_echoed_by_value_req_07_req_08(nonce: int | None) -> None:
     der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, nonce=nonce), None))
     token = read_response(der).token
     assert token is not None and token.tst_info.nonce == nonce
+
+
+@pytest.mark.parametrize("offset_ns", [-1_000_000, 1_000_000])
+def test_no_token_outside_the_signing_window_crt_06_ops_05(offset_ns: int) -> None:
+    """A genTime before the certificate's (or key usage period's) start or after its end gets systemFailure."""
+    records = MemoryRecords()
+    window = (GOLDEN_NS, GOLDEN_NS) if offset_ns < 0 else (0, GOLDEN_NS)
+    clock = FixedClock(GOLDEN_NS + offset_ns)
+    der = asyncio.run(unit(clock, records, window=window).respond(SHA256_REQUEST, None))
+    assert status_of(der) == (2, (FailureInfo.SYSTEM_FAILURE,))
+    assert records.records == []
+    granted = asyncio.run(unit(FixedClock(GOLDEN_NS), records, window=window).respond(SHA256_REQUEST, None))
+    assert status_of(granted) == (0, ())
