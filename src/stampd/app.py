@@ -6,21 +6,31 @@ checked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from stampd.certprofile import key_matches_certificate, profile_problems, signing_window
-from stampd.clock.system import SystemClock
-from stampd.config import CONFIG_ENV, Config, TsuConfig, config_path, load_config
+from stampd.clock.kernel import read_kernel_clock
+from stampd.clock.leapseconds import load_leap_table
+from stampd.clock.monitor import ClockMonitor
+from stampd.clock.ntp import NtpSource
+from stampd.clock.system import GatedClock
+from stampd.clockgate import ClockGate, ClockPolicy, LeapPolicy
+from stampd.config import CONFIG_ENV, ClockConfig, Config, TsuConfig, config_path, load_config
 from stampd.der.token import GenTimeFormatter, TokenTemplate
 from stampd.errors import ConfigError, PKIError
 from stampd.issuance import TimeStampingUnit
+from stampd.metrics import exposition, observe_clock
 from stampd.policy import IssuancePolicy
 from stampd.records.store import RecordStore
 from stampd.serials import RandomSerialSource
@@ -93,7 +103,8 @@ def create_app(config: Config) -> TimeStampApp:
     now = datetime.now(UTC)
     loaded = [load_tsu(tsu, now) for tsu in config.tsus]
     store = RecordStore(config.records.url)
-    clock = SystemClock()
+    gate, monitor = _clock(config.clock, store)
+    clock = GatedClock(gate)
     serials = RandomSerialSource()
     units: dict[str, TimeStampingUnit] = {}
     certificates_pem: dict[str, bytes] = {}
@@ -125,27 +136,82 @@ def create_app(config: Config) -> TimeStampApp:
             chain.append(item.anchor)
         certificates_pem[tsu.path] = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
 
-    def started() -> None:
-        store.record_event(
-            "service.started", {"pid": os.getpid(), "tsus": [t.name for t in config.tsus], "clock": "unmonitored"}
-        )
-        log.warning("clock: NOT MONITORED: tokens carry the host's time unchecked (demo profile)")
-        for tsu in config.tsus:
-            log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
-
-    def stopping() -> None:
-        try:
-            store.record_event("service.stopped", {"pid": os.getpid()})
-        finally:
-            store.close()
-
+    service = _Service(store, gate, monitor, [t.name for t in config.tsus])
+    for tsu in config.tsus:
+        log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
     return TimeStampApp(
         units,
         certificates_pem,
         max_request_bytes=config.server.max_request_bytes,
-        on_startup=started,
-        on_shutdown=stopping,
+        on_startup=service.start,
+        on_shutdown=service.stop,
+        readiness=lambda: gate.readiness(time.time_ns(), time.monotonic_ns()),
+        metrics=exposition,
     )
+
+
+def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMonitor | None]:
+    """The gate every genTime passes, and the monitor that feeds it (none in the unmonitored demo profile)."""
+
+    def record(kind: str, detail: dict[str, Any]) -> None:
+        log.log(logging.INFO if kind == "clock.synchronised" else logging.WARNING, "%s: %s", kind, detail)
+        store.record_event(kind, detail)
+
+    policy = ClockPolicy(
+        accuracy_ns=clock.accuracy_us * 1000,
+        margin_ns=clock.safety_margin_us * 1000,
+        max_age_ns=clock.max_age_us * 1000,
+        min_agree=clock.min_agree,
+        leap_policy=LeapPolicy(clock.leap_second),
+        smear_window_ns=clock.smear_window_us * 1000,
+        kernel_required=clock.kernel_discipline,
+    )
+    gate = ClockGate(policy, record, monitored=bool(clock.ntp_servers), last_issued_ns=store.last_gen_time_ns())
+    if not clock.ntp_servers:
+        return gate, None
+    leap_table = load_leap_table(clock.leap_seconds_file) if clock.leap_seconds_file else None
+    sources = [NtpSource(address, clock.query_timeout_us / 1e6) for address in clock.ntp_servers]
+    monitor = ClockMonitor(
+        gate,
+        sources,
+        interval_s=clock.check_interval_us / 1e6,
+        kernel=read_kernel_clock if clock.kernel_discipline else lambda: None,
+        leap_table=leap_table,
+        observe=observe_clock,
+    )
+    return gate, monitor
+
+
+class _Service:
+    """Start and stop: the monitor's task, and the events that say when the service ran and in what clock state."""
+
+    def __init__(self, store: RecordStore, gate: ClockGate, monitor: ClockMonitor | None, tsus: list[str]) -> None:
+        self._store = store
+        self._gate = gate
+        self._monitor = monitor
+        self._tsus = tsus
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._monitor is None:
+            log.warning("clock: NOT MONITORED: no clock.ntp_servers, tokens carry the host's time unchecked (demo)")
+        else:
+            await self._monitor.check()
+            self._task = asyncio.create_task(self._monitor.run(), name="stampd-clock-monitor")
+        observe_clock(self._gate.status)
+        self._store.record_event(
+            "service.started", {"pid": os.getpid(), "tsus": self._tsus, "clock": self._gate.status.as_detail()}
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            self._store.record_event("service.stopped", {"pid": os.getpid(), "clock": self._gate.status.as_detail()})
+        finally:
+            self._store.close()
 
 
 def create_app_from_environment() -> TimeStampApp:

@@ -37,9 +37,24 @@ class RecordsConfig:
     url: str
 
 
+DEFAULT_LEAP_SECONDS_FILE = Path("/usr/share/zoneinfo/leap-seconds.list")
+"""The tz database's copy of the IERS leap-second table, as Debian installs it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClockConfig:
     accuracy_us: int
+    ntp_servers: tuple[str, ...] = ()
+    check_interval_us: int = 16_000_000
+    query_timeout_us: int = 1_000_000
+    min_agree: int = 1
+    safety_margin_us: int = 100_000
+    max_age_us: int = 60_000_000
+    leap_second: str = "pause"
+    smear_window_us: int = 86_400_000_000
+    leap_seconds_file: Path | None = DEFAULT_LEAP_SECONDS_FILE
+    kernel_discipline: bool = True
+    required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +219,43 @@ def _records(t: _Table) -> RecordsConfig:
 
 
 def _clock(t: _Table) -> ClockConfig:
+    """The time sources and the promises made about time (RFC 3628 §7.3; SPEC OPS-01..04)."""
     accuracy = t.duration_us("accuracy", "1s")
+    servers = t.get("ntp_servers", list, [])
+    for server in servers:
+        try:
+            split_listen(server)
+        except (ValueError, AttributeError):
+            raise t.error("ntp_servers", f'expected "host:port" entries, not {server!r}') from None
+    min_agree = t.get("min_agree", int, len(servers) // 2 + 1 if servers else 1)
+    if servers and not 1 <= min_agree <= len(servers):
+        raise t.error("min_agree", f"must be between 1 and the {len(servers)} configured ntp_servers")
+    margin = t.duration_us("safety_margin", "100ms")
+    if margin >= accuracy:
+        raise t.error("safety_margin", "must be smaller than clock.accuracy")
+    leap_second = t.get("leap_second", str, "pause")
+    if leap_second not in ("pause", "smear"):
+        raise t.error("leap_second", f"expected 'pause' or 'smear', not {leap_second!r}")
+    leap_file = t.get("leap_seconds_file", str, str(DEFAULT_LEAP_SECONDS_FILE))
+    required = t.get("required", bool, False)
+    if required and not servers:
+        raise t.error("required", "a production clock (required = true) needs clock.ntp_servers")
+    config = ClockConfig(
+        accuracy_us=accuracy,
+        ntp_servers=tuple(servers),
+        check_interval_us=t.duration_us("check_interval", "16s"),
+        query_timeout_us=t.duration_us("query_timeout", "1s"),
+        min_agree=min_agree,
+        safety_margin_us=margin,
+        max_age_us=t.duration_us("max_age", "60s"),
+        leap_second=leap_second,
+        smear_window_us=t.duration_us("smear_window", "24h"),
+        leap_seconds_file=(t.source.parent / leap_file) if leap_file else None,
+        kernel_discipline=t.get("kernel_discipline", bool, True),
+        required=required,
+    )
     t.finish()
-    return ClockConfig(accuracy)
+    return config
 
 
 def _tsus(t: _Table) -> tuple[TsuConfig, ...]:

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, event, insert, select
+from sqlalchemy import create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -173,6 +173,12 @@ class RecordStore:
         with self._engine.connect() as conn:
             rows = conn.execute(select(events).order_by(events.c.id)).all()
         return [{"at_us": r.at_us, "kind": r.kind, "tsu": r.tsu, "detail": json.loads(r.detail)} for r in rows]
+
+    def last_gen_time_ns(self) -> int:
+        """The latest genTime recorded, so that genTime never goes backwards across restarts (issue: clock)."""
+        with self._engine.connect() as conn:
+            latest = conn.execute(select(func.max(tokens.c.gen_time_us))).scalar()
+        return 0 if latest is None else int(latest) * 1000
 
     def token_by_serial(self, serial: int) -> TokenRecord | None:
         with self._engine.connect() as conn:

@@ -31,10 +31,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 TIMESTAMP_QUERY = b"application/timestamp-query"
 TIMESTAMP_REPLY = b"application/timestamp-reply"
 """Exactly this, no parameters: clients compare it as a string (RFC 3161 §3.4 + Errata 1879, SPEC TRN-02)."""
+TEXT = b"text/plain; charset=utf-8"
 
 
 class TimeStampApp:
-    """Routes ``POST <tsu path>`` to its TSU, and serves ``GET /healthz`` and ``GET <tsu path>/certs``."""
+    """Routes ``POST <tsu path>`` to its TSU, and serves ``GET /healthz``, ``/readyz``, ``/metrics`` and
+    ``<tsu path>/certs``."""
 
     def __init__(
         self,
@@ -42,14 +44,18 @@ class TimeStampApp:
         certificates_pem: Mapping[str, bytes],
         *,
         max_request_bytes: int,
-        on_startup: Callable[[], None] = lambda: None,
-        on_shutdown: Callable[[], None] = lambda: None,
+        on_startup: Callable[[], Awaitable[None]],
+        on_shutdown: Callable[[], Awaitable[None]],
+        readiness: Callable[[], tuple[bool, str]],
+        metrics: Callable[[], tuple[bytes, bytes]],
     ) -> None:
         self._units = dict(units)
         self._certs = {_certs_path(path): pem for path, pem in certificates_pem.items()}
         self._max_request_bytes = max_request_bytes
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
+        self._readiness = readiness
+        self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -73,24 +79,28 @@ class TimeStampApp:
                 reply = await unit.respond(request, client[0] if client else None)
                 await _respond(send, 200, TIMESTAMP_REPLY, reply, keep_alive_10)
             elif path == "/healthz":
-                if method not in ("GET", "HEAD"):
-                    raise MethodNotAllowed("/healthz takes GET")
-                await _respond(send, 200, b"text/plain; charset=utf-8", b"ok\n", keep_alive_10)
+                _require_get(method, path)
+                await _respond(send, 200, TEXT, b"ok\n", keep_alive_10)
+            elif path == "/readyz":
+                _require_get(method, path)
+                ready, reason = self._readiness()
+                await _respond(send, 200 if ready else 503, TEXT, f"{reason}\n".encode(), keep_alive_10)
+            elif path == "/metrics":
+                _require_get(method, path)
+                body, content_type = self._metrics()
+                await _respond(send, 200, content_type, body, keep_alive_10)
             elif path in self._certs:
-                if method not in ("GET", "HEAD"):
-                    raise MethodNotAllowed(f"{path} takes GET")
+                _require_get(method, path)
                 await _respond(send, 200, b"application/pem-certificate-chain", self._certs[path], keep_alive_10)
             else:
                 raise NotFound(f"nothing is served at {path}")
         except (TransportError, ParseError) as e:
             close = isinstance(e, PayloadTooLarge | RequestTimeout | LengthRequired)
             text = f"{e}\n".encode()
-            await _respond(
-                send, e.http_status, b"text/plain; charset=utf-8", text, keep_alive_10 and not close, close=close
-            )
+            await _respond(send, e.http_status, TEXT, text, keep_alive_10 and not close, close=close)
         except Exception:
             log.exception("internal error while serving %s %s", scope.get("method"), scope.get("path"))
-            await _respond(send, 500, b"text/plain; charset=utf-8", b"internal error\n", False, close=True)
+            await _respond(send, 500, TEXT, b"internal error\n", False, close=True)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The request body within the size limit, refused before reading when the declared size exceeds it."""
@@ -125,7 +135,7 @@ class TimeStampApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self._on_startup()
+                    await self._on_startup()
                 except Exception as e:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
@@ -133,10 +143,15 @@ class TimeStampApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
-                    self._on_shutdown()
+                    await self._on_shutdown()
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _require_get(method: str, path: str) -> None:
+    if method not in ("GET", "HEAD"):
+        raise MethodNotAllowed(f"{path} takes GET")
 
 
 def _certs_path(tsu_path: str) -> str:
