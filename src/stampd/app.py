@@ -170,6 +170,10 @@ def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMoni
     if not clock.ntp_servers:
         return gate, None
     leap_table = load_leap_table(clock.leap_seconds_file) if clock.leap_seconds_file else None
+    if leap_table is not None and leap_table.expired(time.time()):
+        detail = {"path": str(clock.leap_seconds_file), "expired_at": leap_table.expires_unix}
+        log.warning("clock: the leap-second table %s has expired: update the tz database", clock.leap_seconds_file)
+        store.record_event("clock.leap_table_expired", detail)
     sources = [NtpSource(address, clock.query_timeout_us / 1e6) for address in clock.ntp_servers]
     monitor = ClockMonitor(
         gate,

@@ -48,6 +48,23 @@ url = "sqlite:///records.sqlite3"   # every token is recorded here before it is 
 
 [clock]
 accuracy = "1s"                  # declared in every token (TSTInfo.accuracy)
+# Without ntp_servers the clock is NOT monitored (demo profile): tokens carry the host's time unchecked, and the
+# start-up log and GET /readyz say so. A production TSA lists its NTP servers and sets required = true; tokens
+# are then issued only while the agreeing servers prove the clock within accuracy - safety_margin, and refused
+# with timeNotAvailable otherwise. Durations are strings with a unit: "us", "ms", "s", "m" or "h".
+# "host:port" entries; empty = unmonitored demo profile
+# ntp_servers = ["ntp1.example.net:123", "ntp2.example.net:123", "ntp3.example.net:123"]
+# check_interval = "16s"         # how often every server is queried
+# query_timeout = "1s"           # a server that has not answered by then counts as unreachable
+# min_agree = 2                  # servers that must agree; default: a majority of ntp_servers
+# safety_margin = "100ms"        # issue only while the error bound <= accuracy - margin; also the step threshold
+# max_age = "60s"                # no tokens once the last good check is older than this
+# leap_second = "pause"          # "pause": no tokens around a leap second; "smear": its offset widens the bound
+# smear_window = "24h"           # length of the smear, centred on the leap second (leap_second = "smear")
+# the tz database's leap-seconds.list (this is the default); "" disables the table
+# leap_seconds_file = "/usr/share/zoneinfo/leap-seconds.list"
+# kernel_discipline = true       # the kernel's adjtimex "unsynchronised" flag counts against issuance
+# required = false               # true = production: refuse to start without ntp_servers
 
 [tsu.default]
 path = "/"                                   # URL path served; "/" is the default TSU

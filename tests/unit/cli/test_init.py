@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 import sys
 import tomllib
@@ -17,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
 from stampd.cli import main as cli_main
 from stampd.cli.init import ED25519_WARNING, PSS_WARNING, new_policy_oid
+from stampd.config import DEFAULT_LEAP_SECONDS_FILE, ClockConfig, load_config
 from stampd.signers import FileSigner, load_encrypted_key, read_passphrase_file
 
 
@@ -90,6 +92,87 @@ def test_config_has_the_schema(tsa: tuple[Path, Result]) -> None:
         "path", "certificate", "chain", "trust_anchor", "default_policy", "accepted_policies",
         "hash_algorithms", "gen_time_precision", "signature_hash", "rsa_pss", "key",
     }  # fmt: skip
+
+
+CLOCK_SETTINGS = [
+    "ntp_servers", "check_interval", "query_timeout", "min_agree", "safety_margin", "max_age",
+    "leap_second", "smear_window", "leap_seconds_file", "kernel_discipline", "required",
+]  # fmt: skip
+
+
+def clock_table(text: str) -> str:
+    start = text.index("[clock]\n")
+    return text[start : text.index("\n[", start + 1)]
+
+
+def uncomment_clock(text: str, **values: str) -> str:
+    """The configuration with every commented-out `key = value` of [clock] active, some values replaced."""
+    table = clock_table(text)
+
+    def setting(match: re.Match[str]) -> str:
+        key = match.group(1)
+        return f"{key} = {values.get(key, match.group(2))}"
+
+    return text.replace(table, re.sub(r"^# (\w+) = (.+?)(?:\s+#.*)?$", setting, table, flags=re.M))
+
+
+def test_demo_clock_is_unmonitored_and_loads(tsa: tuple[Path, Result]) -> None:
+    """Only accuracy is set: no ntp_servers, so the demo issues with time unmonitored (the defaults apply)."""
+    directory, _ = tsa
+    text = (directory / "stampd.toml").read_text()
+    table = clock_table(text)
+    for key in CLOCK_SETTINGS:
+        assert re.search(rf"^# {key} = ", table, re.M), f"{key} is not documented in [clock]"
+    assert load_config(directory / "stampd.toml").clock == ClockConfig(accuracy_us=1_000_000)
+
+
+def test_uncommented_clock_settings_load(tsa: tuple[Path, Result]) -> None:
+    """Every commented clock setting is valid TOML for load_config, and its value is the documented default."""
+    directory, _ = tsa
+    config_file = directory / "stampd.toml"
+    config_file.write_text(uncomment_clock(config_file.read_text()))
+    clock = load_config(config_file).clock
+    assert clock == ClockConfig(
+        accuracy_us=1_000_000,
+        ntp_servers=("ntp1.example.net:123", "ntp2.example.net:123", "ntp3.example.net:123"),
+        min_agree=2,
+    )
+    assert clock.leap_seconds_file == DEFAULT_LEAP_SECONDS_FILE
+
+
+def test_production_clock_settings_load(tsa: tuple[Path, Result]) -> None:
+    directory, _ = tsa
+    config_file = directory / "stampd.toml"
+    config_file.write_text(
+        uncomment_clock(
+            config_file.read_text(),
+            ntp_servers='["127.0.0.1:123"]',
+            min_agree="1",
+            check_interval='"2s"',
+            query_timeout='"500ms"',
+            safety_margin='"250ms"',
+            max_age='"10s"',
+            leap_second='"smear"',
+            smear_window='"12h"',
+            leap_seconds_file='"leap-seconds.list"',
+            kernel_discipline="false",
+            required="true",
+        )
+    )
+    assert load_config(config_file).clock == ClockConfig(
+        accuracy_us=1_000_000,
+        ntp_servers=("127.0.0.1:123",),
+        check_interval_us=2_000_000,
+        query_timeout_us=500_000,
+        min_agree=1,
+        safety_margin_us=250_000,
+        max_age_us=10_000_000,
+        leap_second="smear",
+        smear_window_us=12 * 3_600_000_000,
+        leap_seconds_file=directory / "leap-seconds.list",
+        kernel_discipline=False,
+        required=True,
+    )
 
 
 def test_default_policy_is_a_fresh_uuid_oid_tst_02(tsa: tuple[Path, Result], tmp_path: Path) -> None:
