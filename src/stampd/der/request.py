@@ -31,6 +31,8 @@ def decode_request(body: bytes) -> TimeStampRequest:
     try:
         return _read_request(body)
     except _NotDefiniteLength:
+        if len(body) > MAX_BER_OCTETS:
+            raise ParseError(f"an indefinite-length TimeStampReq is at most {MAX_BER_OCTETS} octets") from None
         return decode_request_asn1crypto(body)
 
 
@@ -65,6 +67,10 @@ def decode_request_asn1crypto(body: bytes) -> TimeStampRequest:
         raise ParseError(f"not a TimeStampReq: {e}") from e
     if not isinstance(version, int) or not isinstance(digest, bytes):
         raise ParseError("not a TimeStampReq")
+    if version.bit_length() >= 8 * MAX_VERSION_OCTETS or any(
+        len(o) > 4 * MAX_OID_OCTETS for o in (hash_oid, policy or "", *extension_oids)
+    ):
+        raise ParseError("a TimeStampReq field is out of range")
     if nonce is not None and abs(nonce).bit_length() > MAX_NONCE_BITS:
         raise ParseError(f"nonce wider than {MAX_NONCE_BITS} bits")
     return TimeStampRequest(
@@ -81,8 +87,16 @@ class _NotDefiniteLength(Exception):
     """A BER shape the direct reader leaves to asn1crypto."""
 
 
+MAX_OID_OCTETS = 64
+"""Longer identifiers occur in no real request; bounding them keeps decoding linear and error texts short."""
+MAX_ARC_OCTETS = 9
+"""An arc of at most 63 bits (9 base-128 octets)."""
+MAX_VERSION_OCTETS = 4
+MAX_BER_OCTETS = 4096
+"""The largest request the BER fallback decodes: a real one is about a hundred octets."""
+
 _OID_CACHE: dict[bytes, str] = {}
-_OID_CACHE_LIMIT = 1024
+_OID_CACHE_LIMIT = 256
 
 
 def _header(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
@@ -109,9 +123,11 @@ def _header(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
     return tag, pos, pos + length
 
 
-def _integer(data: bytes, start: int, stop: int) -> int:
+def _integer(data: bytes, start: int, stop: int, max_octets: int) -> int:
     if start == stop:
         raise ParseError("empty INTEGER")
+    if stop - start > max_octets:
+        raise ParseError(f"INTEGER longer than {max_octets} octets")
     return int.from_bytes(data[start:stop], "big", signed=True)
 
 
@@ -120,19 +136,22 @@ def _object_identifier(data: bytes, start: int, stop: int) -> str:
     cached = _OID_CACHE.get(raw)
     if cached is not None:
         return cached
-    if not raw or raw[-1] & 0x80:
+    if not raw or raw[-1] & 0x80 or len(raw) > MAX_OID_OCTETS:
         raise ParseError("bad OBJECT IDENTIFIER")
     arcs: list[int] = []
     value = 0
-    leading = True
+    octets = 0
     for octet in raw:
-        if leading and octet == 0x80:
+        if octets == 0 and octet == 0x80:
             raise ParseError("bad OBJECT IDENTIFIER")
         value = (value << 7) | (octet & 0x7F)
-        leading = not octet & 0x80
-        if leading:
+        octets += 1
+        if octets > MAX_ARC_OCTETS:
+            raise ParseError("OBJECT IDENTIFIER arc too large")
+        if not octet & 0x80:
             arcs.append(value)
             value = 0
+            octets = 0
     first = arcs[0]
     head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
     dotted = ".".join(map(str, head + arcs[1:]))
@@ -151,7 +170,7 @@ def _read_request(body: bytes) -> TimeStampRequest:
     tag, start, pos = _header(body, pos, stop)
     if tag != 0x02:
         raise ParseError("TimeStampReq.version missing")
-    version = _integer(body, start, pos)
+    version = _integer(body, start, pos, MAX_VERSION_OCTETS)
 
     tag, start, pos = _header(body, pos, stop)
     if tag != 0x30:
@@ -188,9 +207,7 @@ def _read_request(body: bytes) -> TimeStampRequest:
             tag = _header(body, pos, stop)[0] if pos < stop else 0
     if tag == 0x02:
         tag, start, pos = _header(body, pos, stop)
-        nonce = _integer(body, start, pos)
-        if abs(nonce).bit_length() > MAX_NONCE_BITS:
-            raise ParseError(f"nonce wider than {MAX_NONCE_BITS} bits")
+        nonce = _integer(body, start, pos, MAX_NONCE_BITS // 8 + 1)
         tag = _header(body, pos, stop)[0] if pos < stop else 0
     if tag == 0x01:
         tag, start, pos = _header(body, pos, stop)

@@ -374,7 +374,7 @@ def _tst_info(econtent: bytes) -> TSTInfo:
         gen_time_fraction=fraction,
         accuracy_us=None if isinstance(accuracy, core.Void) else _accuracy_us(accuracy),
         ordering=bool(tst["ordering"].native),
-        nonce=None if isinstance(nonce, core.Void) else _int(nonce),
+        nonce=None if isinstance(nonce, core.Void) else _int(nonce, MAX_NONCE_OCTETS),
         tsa=tsa_der,
         tsa_directory_name=tsa_dir,
         extensions=()
@@ -432,11 +432,18 @@ def _status(info: Any) -> StatusInfo:
 # --- primitives ----------------------------------------------------------------------------------------------
 
 
-def _int(obj: Any) -> int:
+MAX_INTEGER_OCTETS = 32
+"""Serials (at most 21 octets in TSTInfo, 20 in certificates), versions and the like; anything longer is hostile."""
+MAX_NONCE_OCTETS = 65
+
+
+def _int(obj: Any, max_octets: int = MAX_INTEGER_OCTETS) -> int:
     """INTEGER value from its octets (X.690 §8.3), whatever named values the schema gives it; minimal only."""
     raw = bytes(obj.contents)
     if not raw:
         raise ParseError("empty INTEGER")
+    if len(raw) > max_octets:
+        raise ParseError(f"INTEGER longer than {max_octets} octets")
     if len(raw) > 1 and ((raw[0] == 0 and raw[1] < 0x80) or (raw[0] == 0xFF and raw[1] >= 0x80)):
         raise ParseError("INTEGER not minimally encoded (X.690 §8.3.2)")
     return int.from_bytes(raw, "big", signed=True)

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 MAX_PATH_LENGTH = 8
 """Longest path searched; real TSA chains have two or three certificates."""
+MAX_LINK_CHECKS = 64
+"""Candidate issuer/subject pairs checked (a signature verification each) before the search gives up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,47 +46,81 @@ def validate_chain(
     """Find a path from ``leaf`` to one of ``anchors`` whose every certificate is valid at ``at``."""
     anchor_ders = {_der(a) for a in anchors}
     pool = list({_der(c): c for c in [*anchors, *intermediates]}.values())
-    problems: list[str] = []
     if not _valid_at(leaf, at):
         return ChainResult((), (_validity_problem(leaf, at),))
-    path = _search([leaf], pool, anchor_ders, at, problems)
+    search = _Search(pool, anchor_ders, at)
+    path = search.path_from([leaf])
     if path is None:
-        return ChainResult((), tuple(dict.fromkeys(problems)) or ("no path to a trust anchor",))
+        return ChainResult((), tuple(dict.fromkeys(search.problems)) or ("no path to a trust anchor",))
     return ChainResult(tuple(path), ())
 
 
-def _search(
-    path: list[x509.Certificate],
-    pool: list[x509.Certificate],
-    anchor_ders: set[bytes],
-    at: datetime,
-    problems: list[str],
-) -> list[x509.Certificate] | None:
-    cert = path[-1]
-    if _der(cert) in anchor_ders:
-        return path
-    if len(path) > MAX_PATH_LENGTH:
-        problems.append(f"no trust anchor within {MAX_PATH_LENGTH} certificates")
+class _Search:
+    """Depth-first path search with a budget: a hostile token can embed dozens of look-alike CA certificates, and
+    without one the search would try every ordering of them, a signature check each."""
+
+    def __init__(self, pool: list[x509.Certificate], anchor_ders: set[bytes], at: datetime) -> None:
+        self.pool = pool
+        self.anchor_ders = anchor_ders
+        self.at = at
+        self.problems: list[str] = []
+        self.links: dict[tuple[bytes, bytes], str | None] = {}
+        self.budget = MAX_LINK_CHECKS
+        self.visits = MAX_LINK_CHECKS * 4
+
+    def path_from(self, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        cert = path[-1]
+        if _der(cert) in self.anchor_ders:
+            return path
+        self.visits -= 1
+        if self.visits < 0:
+            self.problems.append("path search abandoned: too many candidate paths")
+            return None
+        if len(path) > MAX_PATH_LENGTH:
+            self.problems.append(f"no trust anchor within {MAX_PATH_LENGTH} certificates")
+            return None
+        on_path = {_der(c) for c in path}
+        candidates = [c for c in self.pool if c.subject == cert.issuer and _der(c) not in on_path]
+        if not candidates:
+            self.problems.append(f"no issuer certificate for {_name(cert)} (issuer {cert.issuer.rfc4514_string()})")
+        for issuer in candidates:
+            problem = self.link_problem(issuer, cert, len(path) - 1)
+            if problem is not None:
+                self.problems.append(problem)
+                continue
+            found = self.path_from([*path, issuer])
+            if found is not None:
+                return found
         return None
-    on_path = {_der(c) for c in path}
-    candidates = [c for c in pool if c.subject == cert.issuer and _der(c) not in on_path]
-    if not candidates:
-        problems.append(f"no issuer certificate for {_name(cert)} (issuer {cert.issuer.rfc4514_string()})")
-    for issuer in candidates:
-        problem = _issuer_problem(issuer, cert, at, len(path) - 1, _der(issuer) in anchor_ders)
-        if problem is not None:
-            problems.append(problem)
-            continue
-        found = _search([*path, issuer], pool, anchor_ders, at, problems)
-        if found is not None:
-            return found
+
+    def link_problem(self, issuer: x509.Certificate, cert: x509.Certificate, cas_below: int) -> str | None:
+        key = (_der(issuer), _der(cert))
+        if key not in self.links:
+            if self.budget <= 0:
+                return f"path search abandoned after {MAX_LINK_CHECKS} candidate issuers"
+            self.budget -= 1
+            self.links[key] = _issuer_problem(issuer, cert, self.at, key[0] in self.anchor_ders)
+        problem = self.links[key]
+        if problem is None:
+            return _path_length_problem(issuer, cas_below)
+        return problem
+
+
+def _path_length_problem(issuer: x509.Certificate, cas_below: int) -> str | None:
+    try:
+        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    if bc.path_length is not None and cas_below > bc.path_length:
+        return f"{_name(issuer)}: pathLenConstraint {bc.path_length} exceeded"
     return None
 
 
 def _issuer_problem(
-    issuer: x509.Certificate, cert: x509.Certificate, at: datetime, cas_below: int, is_anchor: bool
+    issuer: x509.Certificate, cert: x509.Certificate, at: datetime, is_anchor: bool
 ) -> str | None:
-    """Why ``issuer`` cannot have issued ``cert`` at ``at``, or None (RFC 5280 §6.1.3, §6.1.4 (k), (l), (n))."""
+    """Why ``issuer`` cannot have issued ``cert`` at ``at``, or None (RFC 5280 §6.1.3, §6.1.4 (k), (n)); the
+    depth-dependent pathLenConstraint (§6.1.4 (l)) is checked by the search."""
     if not _valid_at(issuer, at):
         return _validity_problem(issuer, at)
     try:
@@ -95,8 +131,6 @@ def _issuer_problem(
         return f"{_name(issuer)}: extensions cannot be decoded: {e}"
     if (bc is None and not is_anchor) or (bc is not None and not bc.ca):
         return f"{_name(issuer)} is not a CA certificate (basicConstraints cA)"
-    if bc is not None and bc.path_length is not None and cas_below > bc.path_length:
-        return f"{_name(issuer)}: pathLenConstraint {bc.path_length} exceeded"
     try:
         ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.key_cert_sign:

@@ -113,7 +113,7 @@ def uncomment_clock(text: str, **values: str) -> str:
         key = match.group(1)
         return f"{key} = {values.get(key, match.group(2))}"
 
-    return text.replace(table, re.sub(r"^# (\w+) = (.+?)(?:\s+#.*)?$", setting, table, flags=re.M))
+    return text.replace(table, re.sub(r"^# (\w+) = (.+?)(?:[ \t]+#.*)?$", setting, table, flags=re.M))
 
 
 def test_demo_clock_is_unmonitored_and_loads(tsa: tuple[Path, Result]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,7 +22,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from stampd.der.encoding import sorted_set_elements
 from stampd.der.response import rejection
 from stampd.der.token import GenTimeFormatter, accuracy
-from stampd.errors import FailureInfo
+from stampd.der.token_reader import read_response
+from stampd.errors import FailureInfo, ParseError
 
 VECTORS = Path(__file__).parents[2] / "vectors" / "stampd"
 sys.path.insert(0, str(VECTORS))
@@ -33,7 +35,9 @@ from golden import (  # noqa: E402
     REJECTION_TEXTS,
     SHA256_REQUEST,
     build_golden_responses,
+    golden_fields,
     golden_requests,
+    golden_template,
 )
 
 PKI = VECTORS / "pki"
@@ -236,3 +240,12 @@ def test_accuracy_omits_zero_parts_tim_05(us: int, der: str) -> None:
 def test_golden_tokens_parse_as_cms(golden: dict[str, bytes]) -> None:
     token = tsp.TimeStampResp.load(golden["response-granted-ed25519-certs.tsr"])["time_stamp_token"]
     assert isinstance(token, cms.ContentInfo)
+
+
+@pytest.mark.parametrize("field", ["serial", "nonce"])
+def test_reader_refuses_hostile_integers_instead_of_crashing(field: str) -> None:
+    """A 2**15000 serial or nonce would overflow int-to-text conversion in every report; it is a ParseError."""
+    fields = replace(golden_fields(SHA256_REQUEST), **{field: 2**15000})
+    der = golden_template(PKI).response(fields, with_certificates=True)
+    with pytest.raises(ParseError, match="INTEGER longer than"):
+        read_response(der)
