@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -27,15 +28,19 @@ from stampd.clock.ntp import NtpSource
 from stampd.clock.system import GatedClock
 from stampd.clockgate import ClockGate, ClockPolicy, LeapPolicy
 from stampd.config import CONFIG_ENV, ClockConfig, Config, TsuConfig, config_path, load_config
-from stampd.der.token import GenTimeFormatter, TokenTemplate
+from stampd.der.request import encode_message_imprint
+from stampd.der.token import GenTimeFormatter, TokenFields, TokenTemplate
 from stampd.errors import ConfigError, PKIError
 from stampd.issuance import TimeStampingUnit
 from stampd.metrics import exposition, observe_clock
+from stampd.model import MessageImprint
+from stampd.oids import SHA256
 from stampd.policy import IssuancePolicy
 from stampd.records.store import RecordStore
 from stampd.serials import RandomSerialSource
 from stampd.server.asgi import TimeStampApp
 from stampd.signers.keyfile import FileSigner, default_signature_hash, load_encrypted_key, read_passphrase_file
+from stampd.verify import verify_timestamp
 from stampd.verify.chain import validate_chain
 
 log = logging.getLogger("stampd")
@@ -94,6 +99,28 @@ def load_tsu(tsu: TsuConfig, now: datetime) -> LoadedTsu:
     return LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
 
 
+def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu) -> None:
+    """Fail closed: sign one token with the assembled template and check it as a relying party would."""
+    digest = hashlib.sha256(b"stampd start-up self-test").digest()
+    try:
+        response = template.response(
+            TokenFields(
+                policy=tsu.default_policy,
+                message_imprint=encode_message_imprint(MessageImprint(SHA256.oid, False, digest)),
+                serial=1,
+                gen_time=GenTimeFormatter(0).encode(time.time_ns()),
+                nonce=None,
+            ),
+            with_certificates=True,
+        )
+    except Exception as e:
+        raise PKIError(f"tsu.{tsu.name}: cannot sign a token: {e}") from e
+    report = verify_timestamp(response, digest=digest, anchors=[item.anchor], extra_certs=list(item.chain))
+    if not report.ok:
+        failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
+        raise PKIError(f"tsu.{tsu.name}: the start-up self-test token does not verify: {failed}")
+
+
 def _window_ns(certificate: x509.Certificate) -> tuple[int, int]:
     start, end = signing_window(certificate)
     return int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000 + 999_999_999
@@ -118,6 +145,7 @@ def create_app(config: Config) -> TimeStampApp:
             accuracy_us=config.clock.accuracy_us,
             sign=item.signer.sign,
         )
+        _self_test(tsu, template, item)
         unit = TimeStampingUnit(
             name=tsu.name,
             policy=IssuancePolicy(tsu.default_policy, tsu.accepted_policies, tsu.hash_algorithms),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stampd.der.encoding import oid as der_oid
 from stampd.errors import ConfigError
 from stampd.oids import DEFAULT_IMPRINT_HASHES, HASH_BY_NAME
 
@@ -20,6 +21,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)\s*$")
 _DURATION_UNITS_US = {"us": 1, "µs": 1, "ms": 1000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000}
 _PRECISION_DIGITS = {"s": 0, "ms": 3, "us": 6}
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MAX_ACCURACY_US = 60_000_000
+MAX_TIMEOUT_US = 600_000_000
 _TSU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -145,10 +149,21 @@ class _Table:
             raise self.error(key, "must be positive")
         return value
 
-    def oid(self, key: str, value: str) -> str:
-        if not _OID.match(value):
-            raise self.error(key, f"{value!r} is not an object identifier")
+    def oid(self, key: str, value: object) -> str:
+        """A dotted OID that also encodes (X.660: the second arc is below 40 under arcs 0 and 1)."""
+        try:
+            if not isinstance(value, str) or not _OID.match(value):
+                raise ValueError
+            der_oid(value)
+        except ValueError:
+            raise self.error(key, f"{value!r} is not an object identifier") from None
         return value
+
+    def strings(self, key: str, default: list[str]) -> list[str]:
+        values = self.get(key, list, default)
+        if not all(isinstance(v, str) for v in values):
+            raise self.error(key, "expected a list of strings")
+        return list(values)
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.read)
@@ -195,6 +210,8 @@ def _server(t: _Table) -> ServerConfig:
     if not 1 <= workers <= 256:
         raise t.error("workers", "must be between 1 and 256")
     timeout_us = t.duration_us("request_timeout", "10s")
+    if timeout_us > MAX_TIMEOUT_US:
+        raise t.error("request_timeout", "must be at most 10m")
     t.finish()
     return ServerConfig(host, port, max_bytes, timeout_us / 1e6, workers)
 
@@ -221,11 +238,13 @@ def _records(t: _Table) -> RecordsConfig:
 def _clock(t: _Table) -> ClockConfig:
     """The time sources and the promises made about time (RFC 3628 §7.3; SPEC OPS-01..04)."""
     accuracy = t.duration_us("accuracy", "1s")
-    servers = t.get("ntp_servers", list, [])
+    if accuracy > MAX_ACCURACY_US:
+        raise t.error("accuracy", "must be at most 60s (ETSI EN 319 422 expects 1s or better)")
+    servers = t.strings("ntp_servers", [])
     for server in servers:
         try:
             split_listen(server)
-        except (ValueError, AttributeError):
+        except ValueError:
             raise t.error("ntp_servers", f'expected "host:port" entries, not {server!r}') from None
     min_agree = t.get("min_agree", int, len(servers) // 2 + 1 if servers else 1)
     if servers and not 1 <= min_agree <= len(servers):
@@ -276,9 +295,13 @@ def _tsu(name: str, t: _Table) -> TsuConfig:
     path = t.get("path", str, "/" if name == "default" else f"/{name}")
     if not path.startswith("/"):
         raise t.error("path", "must start with '/'")
+    if path in RESERVED_PATHS or path.endswith("/certs"):
+        raise t.error("path", f"{path!r} is reserved for the server's own endpoints")
     default_policy = t.oid("default_policy", t.get("default_policy", str, _REQUIRED))
     accepted = frozenset(t.oid("accepted_policies", p) for p in t.get("accepted_policies", list, []))
-    hashes = t.get("hash_algorithms", list, list(DEFAULT_IMPRINT_HASHES))
+    hashes = t.strings("hash_algorithms", list(DEFAULT_IMPRINT_HASHES))
+    if not hashes:
+        raise t.error("hash_algorithms", "must name at least one hash")
     for h in hashes:
         if h not in HASH_BY_NAME:
             raise t.error("hash_algorithms", f"unknown hash {h!r} (known: {', '.join(HASH_BY_NAME)})")
@@ -312,9 +335,7 @@ def _tsu(name: str, t: _Table) -> TsuConfig:
 
 
 def _path_list(t: _Table, key: str) -> list[Path]:
-    values = t.get(key, list, [])
-    if not all(isinstance(v, str) for v in values):
-        raise t.error(key, "expected a list of file names")
+    values = t.strings(key, [])
     return [Path(v) if Path(v).is_absolute() else t.source.parent / v for v in values]
 
 

@@ -116,6 +116,10 @@ class NotFound(TransportError):
 class MethodNotAllowed(TransportError):
     http_status = 405
 
+    def __init__(self, message: str, *, allow: bytes) -> None:
+        super().__init__(message)
+        self.allow = allow
+
 
 # --- Relying party ---
 

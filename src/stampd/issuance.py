@@ -6,6 +6,8 @@ testable with injected fakes, and no token leaves before its record is durable (
 
 from __future__ import annotations
 
+import logging
+
 from stampd.der.request import encode_message_imprint
 from stampd.der.response import rejection
 from stampd.der.token import GenTimeFormatter, TokenFields, TokenTemplate
@@ -13,6 +15,8 @@ from stampd.errors import Rejection, SigningError, StampdError, SystemFailure
 from stampd.model import IssuedToken, TimeStampRequest, TokenRecord
 from stampd.policy import IssuancePolicy
 from stampd.ports import Clock, RecordSink, SerialSource
+
+log = logging.getLogger(__name__)
 
 
 class TimeStampingUnit:
@@ -84,6 +88,7 @@ class TimeStampingUnit:
             issued = self.issue(request, requester)
             await self._records.record(issued.record)
         except SystemFailure as e:
+            log.error("TSU %s: no token issued: %s", self.name, e, exc_info=e.__cause__ is not None)
             return rejection(e.fail_info, "the TSA could not issue a token; try again later")
         except Rejection as e:
             return rejection(e.fail_info, str(e))

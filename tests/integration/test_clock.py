@@ -89,7 +89,10 @@ def wait_for(predicate: Callable[[], bool], within_s: float) -> float:
 
 
 def clock_events(tsa: LiveTsa) -> list[tuple[str, dict[str, object]]]:
-    rows = tsa._query("SELECT kind, detail FROM events WHERE kind LIKE 'clock.%' ORDER BY id")
+    """The clock's transitions; whether this machine's leap-second table has expired depends on today's date."""
+    rows = tsa._query(
+        "SELECT kind, detail FROM events WHERE kind LIKE 'clock.%' AND kind != 'clock.leap_table_expired' ORDER BY id"
+    )
     return [(str(kind), json.loads(str(detail))) for kind, detail in rows]
 
 

@@ -70,7 +70,7 @@ def _print_text(records: list[TokenRecord]) -> None:
 @click.option("--der", "der_file", type=click.Path(dir_okay=False), help="Also write the token's DER reply here.")
 def show(config_file: str, serial: str, as_json: bool, der_file: str | None) -> None:
     """Show the token with SERIAL (decimal or 0x-prefixed hexadecimal); exit status 1 if there is none."""
-    store = RecordStore(load_config(config_file).records.url)
+    store = RecordStore(load_config(config_file).records.url, create=False)
     record = store.token_by_serial(_serial(serial))
     store.close()
     if record is None:
@@ -95,7 +95,7 @@ def find(config_file: str, imprint: str, as_json: bool) -> None:
         digest = bytes.fromhex(imprint)
     except ValueError:
         raise click.BadParameter("expected hexadecimal", param_hint="--imprint") from None
-    store = RecordStore(load_config(config_file).records.url)
+    store = RecordStore(load_config(config_file).records.url, create=False)
     records = store.tokens_by_imprint(digest)
     store.close()
     if not records:

@@ -89,8 +89,8 @@ class _NotDefiniteLength(Exception):
 
 MAX_OID_OCTETS = 64
 """Longer identifiers occur in no real request; bounding them keeps decoding linear and error texts short."""
-MAX_ARC_OCTETS = 9
-"""An arc of at most 63 bits (9 base-128 octets)."""
+MAX_ARC_OCTETS = 20
+"""An arc of at most 140 bits (20 base-128 octets): room for the 128-bit UUID arcs under 2.25 (X.667)."""
 MAX_VERSION_OCTETS = 4
 MAX_BER_OCTETS = 4096
 """The largest request the BER fallback decodes: a real one is about a hundred octets."""

@@ -60,6 +60,12 @@ def _record(row: Any) -> TokenRecord:
     )
 
 
+BUSY_TIMEOUT_MS = 200
+"""How long a commit waits for another process's write lock. It waits on the event loop, so it is short: a lock
+held longer (a backup, a stuck process) fails the waiting requests with systemFailure instead of freezing the
+worker."""
+
+
 def _configure_sqlite(engine: Engine) -> None:
     """WAL with a full sync at every commit: a committed record survives power loss; readers never block."""
 
@@ -68,22 +74,36 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
+
+
+def _create_private_file(path: str, create: bool) -> None:
+    """Records hold requesters' addresses: the database is created 0600 (SQLite gives its WAL the same mode)."""
+    if os.path.exists(path):
+        return
+    if not create:
+        raise FileNotFoundError(f"no records database at {path}")
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 class RecordStore:
     """Tokens and events in one SQL database (SQLite by default)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """Open the records at ``url``; with ``create`` false (the read-only commands) a missing SQLite database
+        is an error rather than a new empty one."""
         try:
             self._engine = create_engine(url)
+            database = self._engine.url.database if self._engine.dialect.name == "sqlite" else None
+            if database and database != ":memory:":
+                _create_private_file(database, create)
             if self._engine.dialect.name == "sqlite":
                 _configure_sqlite(self._engine)
-            metadata.create_all(self._engine)
-        except SQLAlchemyError as e:
+            if create:
+                metadata.create_all(self._engine)
+        except (SQLAlchemyError, ImportError, OSError) as e:
             raise RecordingError(f"cannot open the records at {url}: {e}") from e
-        database = self._engine.url.database if self._engine.dialect.name == "sqlite" else None
         self._sqlite_file = (database, os.stat(database).st_ino) if database and database != ":memory:" else None
         statement = insert(tokens).compile(dialect=self._engine.dialect)
         self._insert_sql = str(statement)

@@ -72,7 +72,7 @@ class TimeStampApp:
             unit = self._units.get(path)
             if unit is not None:
                 if method != "POST":
-                    raise MethodNotAllowed(f"{path} takes POST")
+                    raise MethodNotAllowed(f"{path} takes POST", allow=b"POST")
                 body = await self._read_body(scope, receive)
                 request = decode_request(body)
                 client = scope.get("client")
@@ -97,7 +97,8 @@ class TimeStampApp:
         except (TransportError, ParseError) as e:
             close = isinstance(e, PayloadTooLarge | RequestTimeout | LengthRequired)
             text = f"{e}\n".encode()
-            await _respond(send, e.http_status, TEXT, text, keep_alive_10 and not close, close=close)
+            extra = [(b"allow", e.allow)] if isinstance(e, MethodNotAllowed) else []
+            await _respond(send, e.http_status, TEXT, text, keep_alive_10 and not close, close=close, extra=extra)
         except Exception:
             log.exception("internal error while serving %s %s", scope.get("method"), scope.get("path"))
             await _respond(send, 500, TEXT, b"internal error\n", False, close=True)
@@ -107,7 +108,7 @@ class TimeStampApp:
         content_type = _header(scope, b"content-type")
         if content_type and content_type.split(b";", 1)[0].strip().lower() != TIMESTAMP_QUERY:
             raise UnsupportedMediaType("expected Content-Type: application/timestamp-query")
-        declared = _header(scope, b"content-length")
+        declared = _header(scope, b"content-length").strip(b" \t")
         if declared:
             if not declared.isdigit():
                 raise ParseError("invalid Content-Length")
@@ -151,7 +152,7 @@ class TimeStampApp:
 
 def _require_get(method: str, path: str) -> None:
     if method not in ("GET", "HEAD"):
-        raise MethodNotAllowed(f"{path} takes GET")
+        raise MethodNotAllowed(f"{path} takes GET", allow=b"GET, HEAD")
 
 
 def _certs_path(tsu_path: str) -> str:
@@ -166,9 +167,16 @@ def _header(scope: Scope, name: bytes) -> bytes:
 
 
 async def _respond(
-    send: Send, status: int, content_type: bytes, body: bytes, keep_alive_10: bool, *, close: bool = False
+    send: Send,
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    keep_alive_10: bool,
+    *,
+    close: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or ())]
     if close:
         headers.append((b"connection", b"close"))
     elif keep_alive_10:

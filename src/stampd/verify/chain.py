@@ -116,9 +116,7 @@ def _path_length_problem(issuer: x509.Certificate, cas_below: int) -> str | None
     return None
 
 
-def _issuer_problem(
-    issuer: x509.Certificate, cert: x509.Certificate, at: datetime, is_anchor: bool
-) -> str | None:
+def _issuer_problem(issuer: x509.Certificate, cert: x509.Certificate, at: datetime, is_anchor: bool) -> str | None:
     """Why ``issuer`` cannot have issued ``cert`` at ``at``, or None (RFC 5280 §6.1.3, §6.1.4 (k), (n)); the
     depth-dependent pathLenConstraint (§6.1.4 (l)) is checked by the search."""
     if not _valid_at(issuer, at):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,33 @@ def test_events_are_recorded_in_order(store: RecordStore) -> None:
 def test_unreachable_database_is_a_recording_error(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="cannot open the records"):
         RecordStore(f"sqlite:///{tmp_path / 'missing-dir' / 'records.sqlite3'}")
+
+
+def test_database_is_created_private_and_read_only_commands_never_create_one(tmp_path: Path) -> None:
+    """The records hold requesters' addresses (0600); `tokens show` on a mistyped path must not make a new one."""
+    path = tmp_path / "records.sqlite3"
+    store = RecordStore(f"sqlite:///{path}")
+    asyncio.run(record_all(store, [record(1)]))
+    store.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(RecordingError, match="no records database"):
+        RecordStore(f"sqlite:///{tmp_path / 'typo.sqlite3'}", create=False)
+    assert not (tmp_path / "typo.sqlite3").exists()
+    reader = RecordStore(f"sqlite:///{path}", create=False)
+    assert reader.token_by_serial(1) == record(1)
+    reader.close()
+
+
+def test_a_held_write_lock_fails_requests_quickly_instead_of_freezing(store: RecordStore, tmp_path: Path) -> None:
+    """Another process holding the write lock costs at most the short busy timeout, then systemFailure."""
+    blocker = sqlite3.connect(tmp_path / "records.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        start = time.monotonic()
+        outcomes = asyncio.run(record_all(store, [record(20)]))
+        assert time.monotonic() - start < 2
+        assert isinstance(outcomes[0], RecordingError)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert asyncio.run(record_all(store, [record(21)])) == [None]
