@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,27 +31,30 @@ from stampd.clock.system import GatedClock
 from stampd.clockgate import ClockGate, ClockPolicy, LeapPolicy
 from stampd.config import CONFIG_ENV, ClockConfig, Config, TsuConfig, config_path, load_config
 from stampd.der.request import encode_message_imprint
-from stampd.der.token import GenTimeFormatter, TokenFields, TokenTemplate
-from stampd.errors import ConfigError, PKIError
-from stampd.issuance import TimeStampingUnit
-from stampd.metrics import exposition, observe_clock
+from stampd.der.token import QUALIFIED_TOKEN_EXTENSIONS, GenTimeFormatter, TokenFields, TokenTemplate
+from stampd.errors import ConfigError, PKIError, StampdError
+from stampd.issuance import SigningKey, TimeStampingUnit
+from stampd.metrics import TSU_ACTIVE, TSU_DAYS_LEFT, exposition, observe_clock
 from stampd.model import MessageImprint
 from stampd.oids import SHA256
 from stampd.policy import IssuancePolicy
 from stampd.records.store import RecordStore
 from stampd.serials import RandomSerialSource
 from stampd.server.asgi import TimeStampApp
-from stampd.signers.keyfile import FileSigner, default_signature_hash, load_encrypted_key, read_passphrase_file
+from stampd.signers.backends import KeySigner, open_signer
 from stampd.verify import verify_timestamp
 from stampd.verify.chain import validate_chain
 
 log = logging.getLogger("stampd")
 
+TSU_STATE_POLL_S = 1.0
+"""How often a serving process reads the TSU states; the database refuses stopped TSUs' records at once anyway."""
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedTsu:
     config: TsuConfig
-    signer: FileSigner
+    signer: KeySigner
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
     anchor: x509.Certificate
@@ -68,38 +73,63 @@ def _read_certificates(path: Path, field: str) -> list[x509.Certificate]:
         raise PKIError(f"{field}: {path} holds no readable certificate: {e}") from None
 
 
-def _passphrase(tsu: TsuConfig) -> bytes:
-    if tsu.key.passphrase_file is not None:
-        return read_passphrase_file(tsu.key.passphrase_file)
-    assert tsu.key.passphrase_env is not None
-    value = os.environ.get(tsu.key.passphrase_env)
-    if not value:
-        raise ConfigError(f"tsu.{tsu.name}.key.passphrase_env: the variable {tsu.key.passphrase_env} is not set")
-    return value.encode()
+def load_tsu(tsu: TsuConfig, now: datetime, *, successor: bool = False) -> LoadedTsu:
+    """Load one TSU's key and certificates and refuse anything a relying party would reject (SPEC CRT-01..07).
 
-
-def load_tsu(tsu: TsuConfig, now: datetime) -> LoadedTsu:
-    """Load one TSU's key and certificates and refuse anything a relying party would reject (SPEC CRT-01..07)."""
-    (certificate, *_) = _read_certificates(tsu.certificate, f"tsu.{tsu.name}.certificate")
-    chain = [c for p in tsu.chain for c in _read_certificates(p, f"tsu.{tsu.name}.chain")]
+    With ``successor``, the [tsu.NAME.next] key and certificate, checked as of their activation instant.
+    """
+    if successor:
+        assert tsu.next is not None
+        field, certificate_path, chain_paths, key = (
+            f"tsu.{tsu.name}.next",
+            tsu.next.certificate,
+            tsu.next.chain,
+            tsu.next.key,
+        )
+        at = tsu.next.activate_at.astimezone(UTC)
+    else:
+        field, certificate_path, chain_paths, key, at = f"tsu.{tsu.name}", tsu.certificate, tsu.chain, tsu.key, now
+    (certificate, *_) = _read_certificates(certificate_path, f"{field}.certificate")
+    chain = [c for p in chain_paths for c in _read_certificates(p, f"{field}.chain")]
     (anchor, *_) = _read_certificates(tsu.trust_anchor, f"tsu.{tsu.name}.trust_anchor")
-    key = load_encrypted_key(tsu.key.path, _passphrase(tsu))
-    signer = FileSigner(key, tsu.signature_hash or default_signature_hash(key), rsa_pss=tsu.rsa_pss)
+    signer = open_signer(key, hash_name=tsu.signature_hash, rsa_pss=tsu.rsa_pss, field=f"{field}.key")
     if not key_matches_certificate(signer.public_key, certificate):
-        raise PKIError(f"tsu.{tsu.name}: the key {tsu.key.path} does not match the certificate {tsu.certificate}")
-    problems = profile_problems(certificate, now)
+        raise PKIError(f"{field}: the key does not match the certificate {certificate_path}")
+    problems = profile_problems(certificate, at)
     fatal = [str(p) for p in problems if p.fatal]
     if fatal:
-        raise PKIError(f"tsu.{tsu.name}: the certificate {tsu.certificate} cannot be used: " + "; ".join(fatal))
+        raise PKIError(f"{field}: the certificate {certificate_path} cannot be used: " + "; ".join(fatal))
     for problem in problems:
-        log.warning("tsu.%s: certificate %s: %s", tsu.name, tsu.certificate, problem)
-    path = validate_chain(certificate, intermediates=chain, anchors=[anchor], at=now)
+        log.warning("%s: certificate %s: %s", field, certificate_path, problem)
+    path = validate_chain(certificate, intermediates=chain, anchors=[anchor], at=at)
     if not path.ok:
-        raise PKIError(f"tsu.{tsu.name}: no valid chain to {tsu.trust_anchor}: " + "; ".join(path.problems))
+        raise PKIError(f"{field}: no valid chain to {tsu.trust_anchor}: " + "; ".join(path.problems))
     return LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
 
 
-def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu) -> None:
+def _signing_key(item: LoadedTsu, accuracy_us: int, at_ns: int) -> SigningKey:
+    """The token template of one key, proven by a self-test token dated ``at_ns``, and its signing window."""
+    tsu = item.config
+    template = TokenTemplate(
+        signer_certificate=item.certificate.public_bytes(Encoding.DER),
+        chain=[c.public_bytes(Encoding.DER) for c in item.chain],
+        digest_algorithm=item.signer.digest_algorithm,
+        signature_algorithm=item.signer.signature_algorithm,
+        accuracy_us=tsu.accuracy_us or accuracy_us,
+        sign=item.signer.sign,
+        extensions=QUALIFIED_TOKEN_EXTENSIONS if tsu.qualified else b"",
+    )
+    _self_test(tsu, template, item, at_ns)
+    start, end = signing_window(item.certificate)
+    return SigningKey(
+        template,
+        int(start.timestamp()) * 1_000_000_000,
+        int(end.timestamp()) * 1_000_000_000 + 999_999_999,
+        item.certificate.serial_number,
+    )
+
+
+def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu, at_ns: int) -> None:
     """Fail closed: sign one token with the assembled template and check it as a relying party would."""
     digest = hashlib.sha256(b"stampd start-up self-test").digest()
     try:
@@ -108,7 +138,7 @@ def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu) -> None
                 policy=tsu.default_policy,
                 message_imprint=encode_message_imprint(MessageImprint(SHA256.oid, False, digest)),
                 serial=1,
-                gen_time=GenTimeFormatter(0).encode(time.time_ns()),
+                gen_time=GenTimeFormatter(0).encode(at_ns),
                 nonce=None,
             ),
             with_certificates=True,
@@ -121,69 +151,145 @@ def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu) -> None
         raise PKIError(f"tsu.{tsu.name}: the start-up self-test token does not verify: {failed}")
 
 
-def _window_ns(certificate: x509.Certificate) -> tuple[int, int]:
-    start, end = signing_window(certificate)
-    return int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000 + 999_999_999
+@dataclass(frozen=True, slots=True)
+class _Tsus:
+    """The TSUs of one configuration, as the server routes to them."""
+
+    routes: dict[str, TimeStampingUnit]
+    certificates_pem: dict[str, bytes]
+    renew_before_ns: dict[str, int]
+
+    @property
+    def units(self) -> list[TimeStampingUnit]:
+        return list(dict.fromkeys(self.routes.values()))
 
 
-def create_app(config: Config) -> TimeStampApp:
+def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: RandomSerialSource) -> _Tsus:
+    """Load and check every TSU of ``config`` (fail closed: any problem raises before anything is served)."""
     now = datetime.now(UTC)
-    loaded = [load_tsu(tsu, now) for tsu in config.tsus]
-    store = RecordStore(config.records.url)
-    gate, monitor = _clock(config.clock, store)
-    clock = GatedClock(gate)
-    serials = RandomSerialSource()
-    units: dict[str, TimeStampingUnit] = {}
+    routes: dict[str, TimeStampingUnit] = {}
     certificates_pem: dict[str, bytes] = {}
-    for item in loaded:
-        tsu = item.config
-        template = TokenTemplate(
-            signer_certificate=item.certificate.public_bytes(Encoding.DER),
-            chain=[c.public_bytes(Encoding.DER) for c in item.chain],
-            digest_algorithm=item.signer.digest_algorithm,
-            signature_algorithm=item.signer.signature_algorithm,
-            accuracy_us=config.clock.accuracy_us,
-            sign=item.signer.sign,
-        )
-        _self_test(tsu, template, item)
+
+    def activated(name: str, key: SigningKey) -> None:
+        log.warning("TSU %s: the next key (certificate serial %x) is now the active key", name, key.certificate_serial)
+        store.record_event("key.activated", {"certificate_serial": f"{key.certificate_serial:x}"}, tsu=name)
+
+    for tsu in config.tsus:
+        item = load_tsu(tsu, now)
+        key = _signing_key(item, config.clock.accuracy_us, time.time_ns())
+        successor = None
+        if tsu.next is not None:
+            activate_ns = int(tsu.next.activate_at.timestamp() * 1_000_000_000)
+            if key.not_after_ns < activate_ns:
+                raise PKIError(f"tsu.{tsu.name}.next.activate_at: the current key stops signing before it (a gap)")
+            next_item = load_tsu(tsu, now, successor=True)
+            successor = (activate_ns, _signing_key(next_item, config.clock.accuracy_us, activate_ns))
         unit = TimeStampingUnit(
             name=tsu.name,
             policy=IssuancePolicy(tsu.default_policy, tsu.accepted_policies, tsu.hash_algorithms),
-            template=template,
+            key=key,
             gen_time=GenTimeFormatter(tsu.gen_time_digits),
             clock=clock,
             serials=serials,
             records=store,
-            signing_window_ns=_window_ns(item.certificate),
+            successor=successor,
+            on_activate=activated,
         )
-        units[tsu.path] = unit
+        routes[tsu.path] = unit
         if tsu.name == "default" and tsu.path != "/default":
-            units.setdefault("/default", unit)
+            routes.setdefault("/default", unit)
         chain = [item.certificate, *item.chain]
         if item.anchor not in chain:
             chain.append(item.anchor)
         certificates_pem[tsu.path] = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
-
-    service = _Service(store, gate, monitor, [t.name for t in config.tsus])
+    if "/" not in routes:
+        routes["/"] = routes[config.tsus[0].path]
+        certificates_pem.setdefault("/", certificates_pem[config.tsus[0].path])
     for tsu in config.tsus:
         log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
-    return TimeStampApp(
-        units,
-        certificates_pem,
+    return _Tsus(routes, certificates_pem, {t.name: t.renew_before_us * 1000 for t in config.tsus})
+
+
+def create_app(config: Config) -> TimeStampApp:
+    store = RecordStore(config.records.url)
+    gate, monitor = _clock(config.clock, store)
+    clock = GatedClock(gate)
+    serials = RandomSerialSource()
+    tsus = _build_tsus(config, store, clock, serials)
+    service = _Service(store, gate, monitor, tsus)
+    app = TimeStampApp(
+        tsus.routes,
+        tsus.certificates_pem,
         max_request_bytes=config.server.max_request_bytes,
         on_startup=service.start,
         on_shutdown=service.stop,
-        readiness=lambda: gate.readiness(time.time_ns(), time.monotonic_ns()),
+        readiness=lambda: _readiness(gate, service.tsus.units, service.tsus.renew_before_ns),
         metrics=exposition,
     )
+
+    def reload() -> None:
+        """SIGHUP: load the TSUs again from the same file and switch to them; in-flight requests finish on the
+        units they started with. The clock and records settings need a restart."""
+        try:
+            fresh = _build_tsus(load_config(config.source), store, clock, serials)
+        except StampdError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            store.record_event("config.reload_failed", {"error": str(e)})
+            return
+        service.tsus = fresh
+        service.apply_tsu_states()
+        app.replace_routes(fresh.routes, fresh.certificates_pem)
+        store.record_event("config.reloaded", {"tsus": [u.name for u in fresh.units]})
+        log.warning("configuration reloaded: TSUs %s", ", ".join(u.name for u in fresh.units))
+
+    service.reload = reload
+    return app
+
+
+def _readiness(gate: ClockGate, units: list[TimeStampingUnit], renew_before_ns: dict[str, int]) -> tuple[bool, str]:
+    """/readyz: the clock's verdict, then one line per TSU with its state and the days its key may still sign."""
+    now_ns = time.time_ns()
+    ready, reason = gate.readiness(now_ns, time.monotonic_ns())
+    lines = [reason]
+    active = 0
+    for unit in units:
+        key = unit.key_at(now_ns)
+        not_before, not_after = key.not_before_ns, key.not_after_ns
+        days_left = (not_after - now_ns) / 86_400e9
+        TSU_DAYS_LEFT.labels(tsu=unit.name).set(days_left)
+        if unit.stopped is not None:
+            state = unit.stopped
+        elif not not_before <= now_ns <= not_after:
+            state = "outside its signing window (certificate validity or privateKeyUsagePeriod)"
+        else:
+            active += 1
+            state = "active"
+            if not_after - now_ns < renew_before_ns[unit.name]:
+                state += ", RENEW SOON"
+        TSU_ACTIVE.labels(tsu=unit.name).set(1 if state.startswith("active") else 0)
+        lines.append(f"tsu {unit.name}: {state}; the key may sign for {max(days_left, 0):.1f} more days")
+    if active == 0:
+        ready = False
+        lines.append("no TSU can issue tokens")
+    return ready, "\n".join(lines)
 
 
 def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMonitor | None]:
     """The gate every genTime passes, and the monitor that feeds it (none in the unmonitored demo profile)."""
 
+    unrecorded: list[tuple[str, dict[str, Any]]] = []
+
     def record(kind: str, detail: dict[str, Any]) -> None:
+        """Events never unwind the gate: one that cannot be written now waits, in order, for the next one."""
         log.log(logging.INFO if kind == "clock.synchronised" else logging.WARNING, "%s: %s", kind, detail)
-        store.record_event(kind, detail)
+        unrecorded.append((kind, detail))
+        try:
+            while unrecorded:
+                store.record_event(*unrecorded[0])
+                unrecorded.pop(0)
+        except StampdError as e:
+            log.error("clock: %d events wait to be recorded: %s", len(unrecorded), e)
+        observe_clock(gate.status)
 
     policy = ClockPolicy(
         accuracy_ns=clock.accuracy_us * 1000,
@@ -217,29 +323,53 @@ def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMoni
 class _Service:
     """Start and stop: the monitor's task, and the events that say when the service ran and in what clock state."""
 
-    def __init__(self, store: RecordStore, gate: ClockGate, monitor: ClockMonitor | None, tsus: list[str]) -> None:
+    def __init__(self, store: RecordStore, gate: ClockGate, monitor: ClockMonitor | None, tsus: _Tsus) -> None:
         self._store = store
         self._gate = gate
         self._monitor = monitor
-        self._tsus = tsus
-        self._task: asyncio.Task[None] | None = None
+        self.tsus = tsus
+        self.reload: Callable[[], None] = lambda: None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def apply_tsu_states(self) -> None:
+        """Stop every TSU the records say is compromised or terminated (set by `stampd tsu compromise` or
+        `stampd terminate` from any process). The database refuses their records anyway; this refuses early."""
+        states = self._store.tsu_states()
+        for unit in self.tsus.units:
+            state = states.get(unit.name)
+            if state is not None and unit.stopped is None:
+                unit.stop(state.state)
+                log.error("TSU %s is %s: it issues no more tokens", unit.name, state.state)
+
+    async def _watch_tsu_states(self) -> None:
+        while True:
+            await asyncio.sleep(TSU_STATE_POLL_S)
+            try:
+                self.apply_tsu_states()
+            except StampdError as e:
+                log.error("cannot read the TSU states: %s", e)
 
     async def start(self) -> None:
+        self.apply_tsu_states()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        self._tasks.append(asyncio.create_task(self._watch_tsu_states(), name="stampd-tsu-states"))
         if self._monitor is None:
             log.warning("clock: NOT MONITORED: no clock.ntp_servers, tokens carry the host's time unchecked (demo)")
         else:
             await self._monitor.check()
-            self._task = asyncio.create_task(self._monitor.run(), name="stampd-clock-monitor")
+            self._tasks.append(asyncio.create_task(self._monitor.run(checked=True), name="stampd-clock-monitor"))
         observe_clock(self._gate.status)
         self._store.record_event(
-            "service.started", {"pid": os.getpid(), "tsus": self._tsus, "clock": self._gate.status.as_detail()}
+            "service.started",
+            {"pid": os.getpid(), "tsus": [u.name for u in self.tsus.units], "clock": self._gate.status.as_detail()},
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         try:
             self._store.record_event("service.stopped", {"pid": os.getpid(), "clock": self._gate.status.as_detail()})
         finally:

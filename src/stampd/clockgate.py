@@ -50,6 +50,8 @@ class Agreement:
     outliers: tuple[str, ...]
     low_s: float
     high_s: float
+    tied: bool = False
+    """Another, disjoint region is shared by as many sources: the sources do not say which time is right."""
 
     @property
     def offset_s(self) -> float:
@@ -72,14 +74,17 @@ def agree(measurements: Sequence[Measurement]) -> Agreement | None:
     edges.sort()
     best = count = 0
     low = high = 0.0
+    tied = False
     for i, (value, kind) in enumerate(edges):
         count -= kind
         if count > best:
-            best = count
+            best, tied = count, False
             low, high = value, edges[i + 1][0]
+        elif count == best and kind < 0 and value > high:
+            tied = True
     agreeing = tuple(m.source for m in measurements if m.offset_s - m.error_s <= low and m.offset_s + m.error_s >= high)
     outliers = tuple(m.source for m in measurements if m.source not in agreeing)
-    return Agreement(agreeing, outliers, low, high)
+    return Agreement(agreeing, outliers, low, high, tied)
 
 
 class LeapPolicy(enum.StrEnum):
@@ -177,6 +182,7 @@ class ClockGate:
     _baseline: _Baseline | None = field(default=None, init=False)
     _unreachable: frozenset[str] = field(default=frozenset(), init=False)
     _leap: _Leap | None = field(default=None, init=False)
+    _last_cause: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         if self.monitored:
@@ -199,11 +205,25 @@ class ClockGate:
         wall_ns: int,
         mono_ns: int,
         next_leap: tuple[int, int] | None = None,
+        started: tuple[int, int] | None = None,
     ) -> ClockStatus:
-        """Take one check's results; ``next_leap`` is (unix seconds of the instant after the leap, +1 or -1)."""
+        """Take one check's results, read at (``wall_ns``, ``mono_ns``) after a check that began at ``started``
+        (wall, mono); ``next_leap`` is (unix seconds of the instant after the leap, +1 or -1)."""
         self._sources_reachability(unreachable, wall_ns)
         self._leap_schedule(next_leap, wall_ns)
-        found = agree(measurements)
+        if started is not None:
+            self.detect_step(*started)
+            moved_ns = (wall_ns - mono_ns) - (started[0] - started[1])
+            if abs(moved_ns) > self.policy.margin_ns and not self._is_leap_step(started[0], moved_ns):
+                status = ClockStatus(
+                    ClockState.STEPPED,
+                    f"the system clock stepped by {moved_ns / SECOND_NS:+.6f} s during a check",
+                    checked_at_ns=wall_ns,
+                )
+                self._baseline = None
+                return self._transition(status, "clock.step_detected", wall_ns)
+        usable = [m for m in measurements if m.error_s * SECOND_NS <= self.policy.limit_ns]
+        found = agree(usable)
         agreeing = len(found.agreeing) if found else 0
 
         def verdict(state: ClockState, reason: str) -> ClockStatus:
@@ -219,11 +239,16 @@ class ClockGate:
                 next_leap_ns=self._leap.at_ns if self._leap else None,
             )
 
-        if found is None or agreeing < self.policy.min_agree:
+        if found is None or agreeing < self.policy.min_agree or found.tied:
             reason = f"only {agreeing} time sources agree, {self.policy.min_agree} required"
+            if found is not None and found.tied:
+                reason = "time sources disagree: two groups of equal size give different times"
             return self._transition(verdict(ClockState.UNSYNCHRONISED, reason), "clock.quorum_lost", wall_ns)
         if self.policy.kernel_required and kernel is not None and not kernel.synchronised:
             reason = "the kernel reports its clock unsynchronised"
+            return self._transition(verdict(ClockState.UNSYNCHRONISED, reason), "clock.lost_synchronisation", wall_ns)
+        if self.policy.kernel_required and kernel is not None and kernel.max_error_s * SECOND_NS > self.policy.limit_ns:
+            reason = f"the kernel's maximum error {kernel.max_error_s:.6f} s exceeds the accuracy limit"
             return self._transition(verdict(ClockState.UNSYNCHRONISED, reason), "clock.lost_synchronisation", wall_ns)
         if round(found.error_bound_s * SECOND_NS) > self.policy.limit_ns:
             reason = (
@@ -236,8 +261,13 @@ class ClockGate:
         return self._transition(verdict(ClockState.SYNCHRONISED, reason), "clock.synchronised", wall_ns)
 
     def _transition(self, status: ClockStatus, kind: str, wall_ns: int) -> ClockStatus:
-        changed = status.state != self._status.state
-        self._status = status
+        """Record the verdict; emit an event when the state, its cause or the set of agreeing sources changes."""
+        previous, self._status = self._status, status
+        cause = f"{status.state.value}/{kind}/{' '.join(status.reason.split(' ')[:2])}"
+        changed = cause != self._last_cause or (
+            status.state is ClockState.SYNCHRONISED and status.agreeing != previous.agreeing
+        )
+        self._last_cause = cause
         if changed:
             self.emit(kind, {"at_ns": wall_ns, **status.as_detail()})
         return status
@@ -257,7 +287,10 @@ class ClockGate:
         if next_leap is None:
             return
         at_ns = next_leap[0] * SECOND_NS
-        if self._leap is None or self._leap.at_ns != at_ns:
+        current = self._leap
+        if current is not None and (not current.applied or wall_ns < current.at_ns + 86_400 * SECOND_NS):
+            return  # a leap is pending or just happened: a lingering kernel flag must not reschedule it
+        if current is None or current.at_ns != at_ns:
             self._leap = _Leap(at_ns, next_leap[1])
             self.emit(
                 "clock.leap_scheduled",
@@ -297,7 +330,10 @@ class ClockGate:
         if leap is None:
             return
         if self.policy.leap_policy is LeapPolicy.PAUSE:  # TIM-07: from 1 s before the leap second to 1 s after
-            if leap.at_ns - 2 * SECOND_NS <= wall_ns < leap.at_ns + SECOND_NS:
+            # An inserted 23:59:60 repeats unix second T-1, so 23:59:59 starts at T-1; a deleted 23:59:59 leaves
+            # 23:59:58 (T-2) as the second before it.
+            start = leap.at_ns - (SECOND_NS if leap.sign > 0 else 2 * SECOND_NS)
+            if start <= wall_ns < leap.at_ns + SECOND_NS:
                 raise TimeNotAvailable("time is not available: paused for a leap second")
             return
         smeared_ns = round((self._status.error_bound_s or 0.0) * SECOND_NS) + self.smear_error_ns(wall_ns)
@@ -306,9 +342,19 @@ class ClockGate:
                 f"time is not available: the leap-second smear widens the error bound to {smeared_ns / SECOND_NS:.3f} s"
             )
 
+    def _is_leap_step(self, wall_ns: int, step_ns: int) -> bool:
+        """The kernel applying a scheduled leap second moves the wall clock by one second against the monotonic
+        clock, back for an inserted second and forward for a deleted one, at the leap instant."""
+        leap = self._leap
+        if leap is None or abs(wall_ns - leap.at_ns) > 3 * SECOND_NS:
+            return False
+        return abs(step_ns + leap.sign * SECOND_NS) <= self.policy.margin_ns
+
     def readiness(self, wall_ns: int, mono_ns: int) -> tuple[bool, str]:
         """Whether a token would be issued now, and why (for /readyz); records nothing as issued."""
         state = self._status.state
+        if wall_ns < self.last_issued_ns:
+            return False, "time is not available: the clock is behind the last issued genTime"
         if state is ClockState.UNMONITORED:
             return True, "time is NOT monitored (no time sources configured): tokens carry the host's clock unchecked"
         if state is not ClockState.SYNCHRONISED:
@@ -329,6 +375,9 @@ class ClockGate:
         if baseline is None or self._status.state is not ClockState.SYNCHRONISED:
             return
         step_ns = (wall_ns - mono_ns) - baseline.difference_ns
+        if abs(step_ns) > self.policy.margin_ns and self._is_leap_step(wall_ns, step_ns):
+            baseline.wall_ns += step_ns  # the kernel repeated (or skipped) the leap second: expected, not a fault
+            return
         if abs(step_ns) > self.policy.margin_ns:
             status = ClockStatus(
                 ClockState.STEPPED,

@@ -7,6 +7,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,16 @@ from stampd.oids import DEFAULT_IMPRINT_HASHES, HASH_BY_NAME
 DEFAULT_CONFIG = "stampd.toml"
 CONFIG_ENV = "STAMPD_CONFIG"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)\s*$")
-_DURATION_UNITS_US = {"us": 1, "µs": 1, "ms": 1000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h|d)\s*$")
+_DURATION_UNITS_US = {
+    "us": 1,
+    "µs": 1,
+    "ms": 1000,
+    "s": 1_000_000,
+    "m": 60_000_000,
+    "h": 3_600_000_000,
+    "d": 86_400_000_000,
+}
 _PRECISION_DIGITS = {"s": 0, "ms": 3, "us": 6}
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -63,10 +72,29 @@ class ClockConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
+    """Where a TSU's private key lives. ``file``: an encrypted PKCS#8 file and its passphrase. ``pkcs11``: an
+    object in a PKCS#11 token (an HSM), found by token and key label, opened with a PIN."""
+
     backend: str
-    path: Path
-    passphrase_file: Path | None
-    passphrase_env: str | None
+    path: Path | None = None
+    passphrase_file: Path | None = None
+    passphrase_env: str | None = None
+    module: Path | None = None
+    token_label: str | None = None
+    key_label: str | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+    sessions: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class NextKeyConfig:
+    """The key and certificate a TSU switches to at ``activate_at`` (rollover with no gap and no overlap)."""
+
+    certificate: Path
+    chain: tuple[Path, ...]
+    key: KeyConfig
+    activate_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +111,10 @@ class TsuConfig:
     signature_hash: str | None
     rsa_pss: bool
     key: KeyConfig
+    qualified: bool = False
+    accuracy_us: int | None = None
+    renew_before_us: int = 30 * 86_400_000_000
+    next: NextKeyConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +226,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         tsus=_tsus(root.table("tsu")),
     )
     root.finish()
+    for tsu in config.tsus:
+        if tsu.accuracy_us is not None and tsu.accuracy_us < config.clock.accuracy_us:
+            raise ConfigError(
+                f"{source}: tsu.{tsu.name}.accuracy: cannot be better than clock.accuracy (a TSU never declares "
+                "better than the clock is kept)"
+            )
     return config
 
 
@@ -246,6 +284,8 @@ def _clock(t: _Table) -> ClockConfig:
             split_listen(server)
         except ValueError:
             raise t.error("ntp_servers", f'expected "host:port" entries, not {server!r}') from None
+    if len(set(servers)) != len(servers):
+        raise t.error("ntp_servers", "lists a server twice (one server must not make a quorum on its own)")
     min_agree = t.get("min_agree", int, len(servers) // 2 + 1 if servers else 1)
     if servers and not 1 <= min_agree <= len(servers):
         raise t.error("min_agree", f"must be between 1 and the {len(servers)} configured ntp_servers")
@@ -316,6 +356,12 @@ def _tsu(name: str, t: _Table) -> TsuConfig:
     trust_anchor = t.path("trust_anchor", _REQUIRED)
     rsa_pss = t.get("rsa_pss", bool, False)
     key = _key(t.table("key"))
+    qualified = t.get("qualified", bool, False)
+    accuracy = t.duration_us("accuracy", "1h") if "accuracy" in t.data else None
+    if accuracy is not None and accuracy > MAX_ACCURACY_US:
+        raise t.error("accuracy", "must be at most 60s")
+    renew_before = t.duration_us("renew_before", "30d")
+    next_key = _next_key(t.table("next"))
     t.finish()
     assert certificate is not None and trust_anchor is not None
     return TsuConfig(
@@ -331,6 +377,10 @@ def _tsu(name: str, t: _Table) -> TsuConfig:
         signature_hash=signature_hash,
         rsa_pss=rsa_pss,
         key=key,
+        qualified=qualified,
+        accuracy_us=accuracy,
+        renew_before_us=renew_before,
+        next=next_key,
     )
 
 
@@ -339,15 +389,52 @@ def _path_list(t: _Table, key: str) -> list[Path]:
     return [Path(v) if Path(v).is_absolute() else t.source.parent / v for v in values]
 
 
+KEY_BACKENDS = ("file", "pkcs11")
+
+
 def _key(t: _Table) -> KeyConfig:
     backend = t.get("backend", str, "file")
-    if backend != "file":
-        raise t.error("backend", f"unknown key backend {backend!r} (known: file)")
-    path = t.path("path", _REQUIRED)
-    passphrase_file = t.path("passphrase_file")
-    passphrase_env = t.get("passphrase_env", str, None)
-    if (passphrase_file is None) == (passphrase_env is None):
-        raise t.error("passphrase_file", "set exactly one of passphrase_file and passphrase_env")
+    if backend == "file":
+        passphrase_file = t.path("passphrase_file")
+        passphrase_env = t.get("passphrase_env", str, None)
+        if (passphrase_file is None) == (passphrase_env is None):
+            raise t.error("passphrase_file", "set exactly one of passphrase_file and passphrase_env")
+        key = KeyConfig(backend, t.path("path", _REQUIRED), passphrase_file, passphrase_env)
+    elif backend == "pkcs11":
+        pin_file = t.path("pin_file")
+        pin_env = t.get("pin_env", str, None)
+        if (pin_file is None) == (pin_env is None):
+            raise t.error("pin_file", "set exactly one of pin_file and pin_env")
+        sessions = t.get("sessions", int, 4)
+        if not 1 <= sessions <= 64:
+            raise t.error("sessions", "must be between 1 and 64")
+        key = KeyConfig(
+            backend,
+            module=t.path("module", _REQUIRED),
+            token_label=t.get("token_label", str, _REQUIRED),
+            key_label=t.get("key_label", str, _REQUIRED),
+            pin_file=pin_file,
+            pin_env=pin_env,
+            sessions=sessions,
+        )
+    else:
+        raise t.error("backend", f"unknown key backend {backend!r} (known: {', '.join(KEY_BACKENDS)})")
     t.finish()
-    assert path is not None
-    return KeyConfig(backend, path, passphrase_file, passphrase_env)
+    return key
+
+
+def _next_key(t: _Table) -> NextKeyConfig | None:
+    if not t.data:
+        return None
+    text = t.get("activate_at", str, _REQUIRED)
+    try:
+        activate_at = datetime.fromisoformat(text)
+    except ValueError:
+        raise t.error("activate_at", f"expected an ISO 8601 time such as 2027-01-01T00:00:00Z, not {text!r}") from None
+    if activate_at.tzinfo is None:
+        raise t.error("activate_at", "must name its time zone (e.g. end in Z)")
+    certificate = t.path("certificate", _REQUIRED)
+    assert certificate is not None
+    next_key = NextKeyConfig(certificate, tuple(_path_list(t, "chain")), _key(t.table("key")), activate_at)
+    t.finish()
+    return next_key

@@ -7,6 +7,8 @@ testable with injected fakes, and no token leaves before its record is durable (
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from stampd.der.request import encode_message_imprint
 from stampd.der.response import rejection
@@ -19,11 +21,25 @@ from stampd.ports import Clock, RecordSink, SerialSource
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """One key and certificate of a TSU, as its tokens are assembled, and the genTimes it may sign.
+
+    The window is the certificate's validity narrowed by its privateKeyUsagePeriod: a token outside it would fail
+    every verifier that checks the chain at genTime (SPEC CRT-06, OPS-05, INT-11).
+    """
+
+    template: TokenTemplate
+    not_before_ns: int
+    not_after_ns: int
+    certificate_serial: int
+
+
 class TimeStampingUnit:
     """One TSU: one key, one certificate, one policy set (RFC 3628 §4.3).
 
-    ``signing_window_ns`` bounds the genTimes it may sign: a token outside its certificate's validity or key
-    usage period would fail every verifier that checks the chain at genTime (SPEC CRT-06, OPS-05, INT-11).
+    A ``successor`` key takes over at its activation instant: the genTime of each token decides which key signs
+    it, so there is never a gap and never two keys at once (rollover); ``on_activate`` hears of the switch once.
     """
 
     def __init__(
@@ -31,27 +47,45 @@ class TimeStampingUnit:
         *,
         name: str,
         policy: IssuancePolicy,
-        template: TokenTemplate,
+        key: SigningKey,
         gen_time: GenTimeFormatter,
         clock: Clock,
         serials: SerialSource,
         records: RecordSink,
-        signing_window_ns: tuple[int, int],
+        successor: tuple[int, SigningKey] | None = None,
+        on_activate: Callable[[str, SigningKey], None] = lambda _name, _key: None,
     ) -> None:
         self.name = name
-        self._not_before_ns, self._not_after_ns = signing_window_ns
+        self._key = key
+        self._successor = successor
+        self._on_activate = on_activate
+        self.stopped: str | None = None
         self.policy = policy
-        self._template = template
         self._gen_time = gen_time
         self._clock = clock
         self._serials = serials
         self._records = records
 
+    def key_at(self, now_ns: int) -> SigningKey:
+        """The key in effect at ``now_ns``; the first use of a successor makes it the key for good."""
+        successor = self._successor
+        if successor is not None and now_ns >= successor[0]:
+            self._key, self._successor = successor[1], None
+            self._on_activate(self.name, self._key)
+        return self._key
+
+    def stop(self, state: str) -> None:
+        """Refuse every request from now on (compromise or termination, SPEC OPS-10, OPS-11); permanent."""
+        self.stopped = state
+
     def issue(self, request: TimeStampRequest, requester: str | None) -> IssuedToken:
         """Sign a token for ``request``; raises a :class:`Rejection` naming the one failure bit."""
+        if self.stopped is not None:
+            raise SigningError(f"TSU {self.name} is {self.stopped}")
         policy = self.policy.policy_for(request)
         now_ns = self._gen_time.truncate(self._clock.now_ns())
-        if not self._not_before_ns <= now_ns <= self._not_after_ns:
+        key = self.key_at(now_ns)
+        if not key.not_before_ns <= now_ns <= key.not_after_ns:
             raise SigningError("the TSU key may not sign now (certificate validity or privateKeyUsagePeriod)")
         gen_time = self._gen_time.text(now_ns)
         serial = self._serials.next_serial()
@@ -63,7 +97,7 @@ class TimeStampingUnit:
             nonce=request.nonce,
         )
         try:
-            response = self._template.response(fields, with_certificates=request.cert_req)
+            response = key.template.response(fields, with_certificates=request.cert_req)
         except StampdError:
             raise
         except Exception as e:

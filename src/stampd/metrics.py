@@ -9,13 +9,24 @@ from stampd.clockgate import ClockState, ClockStatus
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 CLOCK_OFFSET = Gauge(
-    "stampd_clock_offset_seconds", "Offset of the local clock from the agreeing time sources", registry=REGISTRY
+    "stampd_clock_offset_seconds",
+    "Time sources minus the local clock, at the last check (agreeing sources)",
+    registry=REGISTRY,
 )
 CLOCK_ERROR_BOUND = Gauge(
     "stampd_clock_error_bound_seconds", "Worst-case error of the local clock at the last check", registry=REGISTRY
 )
 CLOCK_AGREEING = Gauge("stampd_clock_agreeing_sources", "Time sources that agreed at the last check", registry=REGISTRY)
 CLOCK_STATE = Gauge("stampd_clock_state", "1 for the clock's current state", ["state"], registry=REGISTRY)
+
+
+TSU_DAYS_LEFT = Gauge(
+    "stampd_tsu_signing_days_left",
+    "Days until the TSU key may no longer sign (certificate validity and privateKeyUsagePeriod)",
+    ["tsu"],
+    registry=REGISTRY,
+)
+TSU_ACTIVE = Gauge("stampd_tsu_active", "1 while the TSU issues tokens", ["tsu"], registry=REGISTRY)
 
 
 def observe_clock(status: ClockStatus) -> None:

@@ -207,8 +207,8 @@ def test_leap_second_pauses_for_exactly_the_window_tim_07() -> None:
             return False
         return True
 
-    assert admitted(leap_ns - 2 * SECOND_NS - 1)
-    assert not admitted(leap_ns - 2 * SECOND_NS)
+    assert admitted(leap_ns - SECOND_NS - 1)  # an inserted 23:59:60 repeats unix second T-1: 23:59:59 is T-1
+    assert not admitted(leap_ns - SECOND_NS)
     assert not admitted(leap_ns)
     assert not admitted(leap_ns + SECOND_NS - 1)
     assert admitted(leap_ns + SECOND_NS)
@@ -233,3 +233,90 @@ def test_leap_smear_widens_the_error_bound() -> None:
     check(g2, GOOD, next_leap=(LEAP_S, +1))
     with pytest.raises(TimeNotAvailable, match="smear"):
         g2.admit(leap_ns, leap_ns - T0 + M0)
+
+
+def test_deleted_leap_second_pauses_from_23_59_58_tim_07() -> None:
+    g, _ = gate(ClockPolicy(SECOND_NS, 100 * MS, 10_000 * SECOND_NS, 2))
+    check(g, GOOD, next_leap=(LEAP_S, -1))
+    leap_ns = LEAP_S * SECOND_NS
+    for wall, expected in (
+        (leap_ns - 2 * SECOND_NS - 1, True),
+        (leap_ns - 2 * SECOND_NS, False),
+        (leap_ns + SECOND_NS, True),
+    ):
+        g.last_issued_ns = 0
+        try:
+            g.admit(wall, wall - T0 + M0)
+            admitted = True
+        except TimeNotAvailable:
+            admitted = False
+        assert admitted is expected, wall - leap_ns
+
+
+def test_the_kernel_repeating_the_leap_second_is_not_a_step() -> None:
+    g, events = gate(ClockPolicy(SECOND_NS, 100 * MS, 10_000 * SECOND_NS, 2))
+    check(g, GOOD, next_leap=(LEAP_S, +1))
+    leap_ns = LEAP_S * SECOND_NS
+    mono_at_leap = leap_ns - T0 + M0
+    g.detect_step(leap_ns - SECOND_NS, mono_at_leap)  # wall back by 1 s against monotonic, at the leap
+    assert g.status.state is ClockState.SYNCHRONISED
+    g.last_issued_ns = 0
+    g.admit(leap_ns + SECOND_NS, mono_at_leap + 2 * SECOND_NS)
+    assert "clock.step_detected" not in events.kinds
+
+
+def test_a_step_during_a_check_discards_the_check() -> None:
+    """The check began before the wall clock was stepped +5 s and ended after: its offsets are meaningless."""
+    g, events = gate()
+    check(g, GOOD)
+    state = g.update(
+        GOOD,
+        unreachable={},
+        kernel=None,
+        wall_ns=T0 + 6 * SECOND_NS,
+        mono_ns=M0 + SECOND_NS,
+        started=(T0 + 500 * MS, M0 + 500 * MS),
+    ).state
+    assert state is ClockState.STEPPED and "during a check" in g.status.reason
+    with pytest.raises(TimeNotAvailable, match="stepped"):
+        g.admit(T0 + 6 * SECOND_NS, M0 + SECOND_NS)
+    assert events.kinds == ["clock.synchronised", "clock.step_detected"]
+
+
+def test_sources_too_imprecise_cannot_make_the_quorum() -> None:
+    """A source whose own error exceeds the accuracy limit agrees with everything; it must not count (MAXDIST)."""
+    g, _ = gate()
+    wide = [M("a", 0.0, 0.01), M("b", 2.0, 0.01), M("wide", 1.0, 3.0)]
+    assert check(g, wide) is ClockState.UNSYNCHRONISED
+
+
+def test_two_equal_groups_disagreeing_is_not_agreement() -> None:
+    g, _ = gate()
+    split = [M("a", 0.0, 0.01), M("b", 0.001, 0.01), M("c", 2.0, 0.01), M("d", 2.001, 0.01)]
+    assert check(g, split) is ClockState.UNSYNCHRONISED and "disagree" in g.status.reason
+
+
+def test_kernel_maximum_error_counts() -> None:
+    g, _ = gate()
+    assert check(g, GOOD, kernel=Kernel(synchronised=True, max_error_s=16.0)) is ClockState.UNSYNCHRONISED
+    assert "maximum error" in g.status.reason
+
+
+def test_a_new_outlier_and_a_changed_cause_are_events() -> None:
+    g, events = gate()
+    check(g, GOOD)
+    check(g, [*GOOD[:2], M("c:123", 5.0, 0.01)], SECOND_NS)
+    assert events.kinds[-1] == "clock.synchronised" and events[-1][1]["outliers"] == ["c:123"]
+    check(g, GOOD[:1], 2 * SECOND_NS)
+    check(g, GOOD, 3 * SECOND_NS, kernel=Kernel(synchronised=False))
+    check(g, [M(m.source, 3.0, 0.01) for m in GOOD], 4 * SECOND_NS)
+    assert events.kinds[-3:] == ["clock.quorum_lost", "clock.lost_synchronisation", "clock.lost_synchronisation"]
+    assert "kernel" in events[-2][1]["reason"] and "error bound" in events[-1][1]["reason"]
+
+
+def test_readiness_agrees_with_admission_on_monotonicity() -> None:
+    g, _ = gate()
+    check(g, GOOD)
+    g.admit(T0 + 500 * MS, M0 + 500 * MS)
+    ready, reason = g.readiness(T0 + 450 * MS, M0 + 550 * MS)
+    assert not ready and "behind the last issued" in reason

@@ -15,7 +15,7 @@ import pytest
 from stampd.der.token import GenTimeFormatter
 from stampd.der.token_reader import read_response
 from stampd.errors import FailureInfo, RecordingError, SigningError, TimeNotAvailable
-from stampd.issuance import TimeStampingUnit
+from stampd.issuance import SigningKey, TimeStampingUnit
 from stampd.model import TokenRecord
 from stampd.policy import IssuancePolicy
 
@@ -71,12 +71,11 @@ def unit(
     return TimeStampingUnit(
         name="golden",
         policy=IssuancePolicy(GOLDEN_POLICY, frozenset(), frozenset({"sha256"})),
-        template=template,
+        key=SigningKey(template, window[0], window[1], 1),
         gen_time=GenTimeFormatter(3),
         clock=clock,
         serials=CountingSerials(),
         records=records,
-        signing_window_ns=window,
     )
 
 
@@ -153,3 +152,36 @@ def test_no_token_outside_the_signing_window_crt_06_ops_05(offset_ns: int) -> No
     assert records.records == []
     granted = asyncio.run(unit(FixedClock(GOLDEN_NS), records, window=window).respond(SHA256_REQUEST, None))
     assert status_of(granted) == (0, ())
+
+
+def test_rollover_switches_at_the_instant_with_no_gap_and_no_overlap() -> None:
+    """Tokens dated before the activation instant carry the old key's signature, from it on the new key's; the
+    switch is reported once. The two keys here differ by their templates' certificates (ESSCertIDv2)."""
+    old_template = golden_template(VECTORS / "pki")
+    new_template = golden_template(VECTORS / "pki")
+    new_template._sign = lambda data: b"new-key-signature"  # stands in for the successor key
+    activated: list[tuple[str, int]] = []
+    clock = FixedClock(GOLDEN_NS - 3_000_000)
+    records = MemoryRecords()
+    tsu = TimeStampingUnit(
+        name="golden",
+        policy=IssuancePolicy(GOLDEN_POLICY, frozenset(), frozenset({"sha256"})),
+        key=SigningKey(old_template, 0, GOLDEN_NS + 10**9, 1),
+        gen_time=GenTimeFormatter(3),
+        clock=clock,
+        serials=CountingSerials(),
+        records=records,
+        successor=(GOLDEN_NS, SigningKey(new_template, GOLDEN_NS, 2**63, 2)),
+        on_activate=lambda name, key: activated.append((name, key.certificate_serial)),
+    )
+    signatures = []
+    for offset_ms in (-3, -2, -1, 0, 1, 2):
+        clock.ns = GOLDEN_NS + offset_ms * 1_000_000
+        der = asyncio.run(tsu.respond(SHA256_REQUEST, None))
+        token = read_response(der).token
+        assert token is not None
+        signatures.append(token.signer_infos[0].signature)
+    assert [s == b"new-key-signature" for s in signatures] == [False, False, False, True, True, True]
+    assert activated == [("golden", 2)]
+    clock.ns = GOLDEN_NS - 1_000_000  # a step back after the switch never returns to the old key
+    assert tsu.key_at(clock.ns).certificate_serial == 2

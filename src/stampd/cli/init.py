@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import click
 from cryptography import x509
 
 from stampd.errors import ConfigError
-from stampd.pki.demo import DemoPki, create_demo_pki
+from stampd.pki.demo import DemoPki, TsuFiles, add_demo_tsu, create_demo_pki
 from stampd.signers.keyfile import DEFAULT_KEY_TYPE, KeyType, default_signature_hash, write_new_file
 
 CONFIG_NAME = "stampd.toml"
@@ -66,9 +67,15 @@ accuracy = "1s"                  # declared in every token (TSTInfo.accuracy)
 # kernel_discipline = true       # the kernel's adjtimex "unsynchronised" flag counts against issuance
 # required = false               # true = production: refuse to start without ntp_servers
 
-[tsu.default]
-path = "/"                                   # URL path served; "/" is the default TSU
-certificate = "pki/tsu.pem"                  # EKU id-kp-timeStamping only, critical (checked at start-up)
+"""
+
+_TSU_TEMPLATE = """\
+
+[tsu.{name}]
+# URL path served; the first TSU also answers at "/" unless another TSU has that path
+path = "{path}"
+# EKU id-kp-timeStamping only, critical (checked at start-up)
+certificate = "{certificate}"
 chain = ["pki/issuing-ca.pem"]               # intermediates sent when certReq is set
 trust_anchor = "pki/root.pem"                # the chain is checked against it at start-up
 # policy in tokens whose request names none; a fresh OID under the UUID arc 2.25 (ITU-T X.667)
@@ -81,12 +88,51 @@ gen_time_precision = "ms"                    # "s", "ms" or "us"; trailing zeros
 signature_hash = "{signature_hash}"
 # RSASSA-PSS instead of PKCS#1 v1.5 (RSA keys only; many clients reject PSS tokens)
 rsa_pss = {rsa_pss}
+# true adds the ETSI EN 319 422 qcStatements extension (esi4-qtstStatement-1) to every token of this TSU
+qualified = {qualified}
+# accuracy = "1s"                            # declared in this TSU's tokens; never better than clock.accuracy
+# renew_before = "30d"                       # /readyz and the metrics warn this long before the key stops signing
 
-[tsu.default.key]
+[tsu.{name}.key]
+# "file" (an encrypted PKCS#8 file) or "pkcs11" (module, token_label, key_label, pin_file or pin_env)
 backend = "file"
-path = "pki/tsu-key.pem"                     # encrypted PKCS#8
-passphrase_file = "secrets/tsu.pass"         # or set passphrase_env = "VARIABLE"
+path = "{key}"
+# or set passphrase_env = "VARIABLE"
+passphrase_file = "{passphrase}"
 """
+
+
+@dataclass(frozen=True, slots=True)
+class TsuSection:
+    """One [tsu.NAME] table of the generated configuration."""
+
+    name: str
+    path: str
+    certificate: str
+    key: str
+    passphrase: str
+    policy: str
+    signature_hash: str
+    rsa_pss: bool
+    qualified: bool = False
+
+
+def render_tsu(section: TsuSection) -> str:
+    return _TSU_TEMPLATE.format(
+        name=section.name,
+        path=section.path,
+        certificate=section.certificate,
+        key=section.key,
+        passphrase=section.passphrase,
+        policy=section.policy,
+        signature_hash=section.signature_hash,
+        rsa_pss=_toml_bool(section.rsa_pss),
+        qualified=_toml_bool(section.qualified),
+    )
+
+
+def _toml_bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def new_policy_oid() -> str:
@@ -94,11 +140,15 @@ def new_policy_oid() -> str:
     return f"2.25.{uuid.uuid4().int}"
 
 
-def render_config(*, listen: str, policy: str, signature_hash: str, rsa_pss: bool) -> str:
-    """The commented stampd.toml for the demo layout (paths relative to the file)."""
-    return _CONFIG_TEMPLATE.format(
-        listen=listen, policy=policy, signature_hash=signature_hash, rsa_pss="true" if rsa_pss else "false"
+def render_config(
+    *, listen: str, policy: str, signature_hash: str, rsa_pss: bool, tsus: list[TsuSection] | None = None
+) -> str:
+    """The commented stampd.toml for the demo layout (paths relative to the file): the TSUs given, or one TSU
+    named ``default`` at "/" with the demo PKI's TSU files."""
+    default = TsuSection(
+        "default", "/", "pki/tsu.pem", "pki/tsu-key.pem", "secrets/tsu.pass", policy, signature_hash, rsa_pss
     )
+    return _CONFIG_TEMPLATE.format(listen=listen) + "".join(render_tsu(t) for t in (tsus or [default]))
 
 
 def _validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -114,6 +164,19 @@ def _validate_country(ctx: click.Context, param: click.Parameter, value: str) ->
     if not re.fullmatch(r"[A-Za-z]{2}", value):
         raise click.BadParameter(f"expected a two-letter ISO 3166 country code, got {value!r}")
     return value.upper()
+
+
+def _validate_tsus(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """NAME or NAME:qualified, names unique and usable as a URL path segment and a TOML key."""
+    tsus: list[tuple[str, bool]] = []
+    for spec in value:
+        name, _, flag = spec.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", name) or flag not in ("", "qualified"):
+            raise click.BadParameter(f"expected NAME or NAME:qualified (NAME: letters, digits, - and _), got {spec!r}")
+        if name in (t[0] for t in tsus):
+            raise click.BadParameter(f"TSU {name!r} is given twice")
+        tsus.append((name, flag == "qualified"))
+    return tsus
 
 
 @click.command("init")
@@ -141,6 +204,15 @@ def _validate_country(ctx: click.Context, param: click.Parameter, value: str) ->
 )
 @click.option("--name", "tsu_name", default="1", show_default=True, help="Names the TSU in its certificate CN.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, callback=_validate_listen, help="HOST:PORT.")
+@click.option(
+    "--tsu",
+    "tsu_specs",
+    multiple=True,
+    metavar="NAME[:qualified]",
+    callback=_validate_tsus,
+    help="A TSU served at /NAME, with its own key and certificate (repeatable; the first also answers at /). "
+    "':qualified' adds the ETSI qualified-token statement. Without --tsu: one TSU named default.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing PKI and configuration in DIRECTORY.")
 def command(
     *,
@@ -151,6 +223,7 @@ def command(
     country: str,
     tsu_name: str,
     listen: str,
+    tsu_specs: list[tuple[str, bool]],
     force: bool,
 ) -> None:
     """Create DIRECTORY with a demo PKI (root CA, issuing CA, TSU certificate) and a commented stampd.toml.
@@ -183,19 +256,49 @@ def command(
         rsa_pss=rsa_pss,
         organization=organization,
         country=country,
-        tsu_name=tsu_name,
+        tsu_name=tsu_specs[0][0] if tsu_specs else tsu_name,
         now=datetime.now(UTC),
         replace=force,
     )
     tsu_certificate = x509.load_pem_x509_certificate(pki.tsu_certificate.read_bytes())
     signature_hash = default_signature_hash(tsu_certificate.public_key())
     policy = new_policy_oid()
-    config = render_config(listen=listen, policy=policy, signature_hash=signature_hash, rsa_pss=rsa_pss)
+    sections: list[TsuSection] = []
+    for index, (name, qualified) in enumerate(tsu_specs):
+        if index == 0:
+            files = TsuFiles(pki.tsu_certificate, pki.tsu_key, pki.tsu_passphrase_file)
+        else:
+            files = add_demo_tsu(
+                directory,
+                name=name,
+                key_type=kind,
+                rsa_pss=rsa_pss,
+                organization=organization,
+                country=country,
+                now=datetime.now(UTC),
+                replace=force,
+            )
+        sections.append(
+            TsuSection(
+                name=name,
+                path=f"/{name}",
+                certificate=str(files.certificate.relative_to(directory)),
+                key=str(files.key.relative_to(directory)),
+                passphrase=str(files.passphrase_file.relative_to(directory)),
+                policy=policy if index == 0 else new_policy_oid(),
+                signature_hash=signature_hash,
+                rsa_pss=rsa_pss,
+                qualified=qualified,
+            )
+        )
+    config = render_config(listen=listen, policy=policy, signature_hash=signature_hash, rsa_pss=rsa_pss, tsus=sections)
     write_new_file(config_path, config.encode("utf-8"), overwrite=force)
 
     click.echo(f"Created a time-stamping authority in {directory}")
-    click.echo(f"  TSU certificate: {pki.tsu_certificate} (CN={common_name}, {kind}, {signature_hash})")
-    click.echo(f"  Default policy:  {policy}")
+    for section in sections or [TsuSection("default", "/", str(pki.tsu_certificate), "", "", policy, "", False)]:
+        flag = ", qualified" if section.qualified else ""
+        click.echo(f"  TSU {section.name} at {section.path}: {section.certificate} ({kind}, {signature_hash}{flag})")
+        click.echo(f"    default policy {section.policy}")
     click.echo(f"  Configuration:   {config_path}")
     click.echo(f"  Passphrases:     {pki.ca_passphrase_file.parent} (keep private; back up the CA keys offline)")
     click.echo(f"Start the server:  stampd serve -c {shlex.quote(str(config_path))}")

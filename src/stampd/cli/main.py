@@ -33,10 +33,20 @@ def main() -> None:
 
 
 from stampd.cli import init as _init  # noqa: E402
+from stampd.cli import lifecycle as _lifecycle  # noqa: E402
 from stampd.cli import serve as _serve  # noqa: E402
 from stampd.cli import stamp as _stamp  # noqa: E402
 from stampd.cli import tokens as _tokens  # noqa: E402
+from stampd.cli import tsu as _tsu  # noqa: E402
 from stampd.cli import verify as _verify  # noqa: E402
 
-for _command in (_init.command, _serve.command, _tokens.command, _stamp.command, _verify.command):
+for _command in (
+    _init.command,
+    _serve.command,
+    _tokens.command,
+    _tsu.command,
+    _stamp.command,
+    _verify.command,
+    _lifecycle.terminate,
+):
     cli.add_command(_command)

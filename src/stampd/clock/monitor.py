@@ -16,7 +16,6 @@ from stampd.clock.kernel import KernelClock
 from stampd.clock.leapseconds import LeapTable
 from stampd.clock.ntp import NtpSource, SourceSample
 from stampd.clockgate import ClockGate, ClockStatus
-from stampd.errors import StampdError
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +40,25 @@ class ClockMonitor:
         self._kernel = kernel
         self._leap_table = leap_table
         self._observe = observe
+        self._expiry_reported = False
 
-    async def run(self) -> None:
-        """Check now, then every interval; between checks, look for steps. Runs until cancelled."""
-        next_check = 0.0
+    async def run(self, *, checked: bool = False) -> None:
+        """Check every interval (starting now unless ``checked``); between checks, look for steps. Runs until
+        cancelled; any failure of a check is logged and the gate, left without a fresh check, fails closed."""
+        next_check = time.monotonic() + self._interval_s if checked else 0.0
         while True:
             if time.monotonic() >= next_check:
                 try:
                     await self.check()
-                except StampdError as e:  # an event that cannot be recorded must not end the monitor
-                    log.error("clock: check failed: %s", e)
+                except Exception:  # the monitor must outlive any one check; the gate fails closed meanwhile
+                    log.exception("clock: the check failed")
                 next_check = time.monotonic() + self._interval_s
             else:
                 self._gate.detect_step(time.time_ns(), time.monotonic_ns())
             await asyncio.sleep(max(0.0, min(STEP_WATCH_S, next_check - time.monotonic())))
 
     async def check(self) -> ClockStatus:
+        started = (time.time_ns(), time.monotonic_ns())
         results = await asyncio.gather(*(asyncio.to_thread(s.query) for s in self._sources), return_exceptions=True)
         measurements: list[SourceSample] = []
         unreachable: dict[str, str] = {}
@@ -73,20 +75,29 @@ class ClockMonitor:
             kernel=kernel,
             wall_ns=wall_ns,
             mono_ns=mono_ns,
-            next_leap=self._next_leap(wall_ns, kernel),
+            next_leap=self._next_leap(wall_ns, kernel, measurements),
+            started=started,
         )
         self._observe(status)
         return status
 
-    def _next_leap(self, wall_ns: int, kernel: KernelClock | None) -> tuple[int, int] | None:
-        """The next leap second from the table, or from the kernel's flag (at the coming UTC midnight)."""
+    def _next_leap(
+        self, wall_ns: int, kernel: KernelClock | None, measurements: Sequence[SourceSample]
+    ) -> tuple[int, int] | None:
+        """The next leap second: from the table while it is current, else from the kernel's flag or the leap
+        indicator most sources announce (RFC 5905 §7.3), at the coming UTC midnight."""
         now_s = wall_ns / 1e9
-        if self._leap_table is not None:
-            found = self._leap_table.next_leap(now_s)
-            if found is not None:
-                return found
+        table = self._leap_table
+        if table is not None and not table.expired(now_s):
+            return table.next_leap(now_s)
+        if table is not None and not self._expiry_reported:
+            self._expiry_reported = True
+            log.warning("clock: the leap-second table has expired; relying on the kernel and the time sources")
+        day = time.gmtime(now_s)
+        midnight = calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0)) + 86_400
         if kernel is not None and kernel.leap != "none":
-            day = time.gmtime(now_s)
-            midnight = calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0)) + 86_400
             return midnight, (1 if kernel.leap == "insert" else -1)
+        announced = [m.leap for m in measurements if m.leap in (1, 2)]
+        if measurements and len(announced) * 2 > len(measurements):
+            return midnight, (1 if max(set(announced), key=announced.count) == 1 else -1)
         return None

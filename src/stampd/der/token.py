@@ -28,6 +28,12 @@ from stampd.der.encoding import (
 )
 from stampd.oids import HASH_BY_NAME, Attributes, ContentTypes
 
+QUALIFIED_TOKEN_EXTENSIONS = bytes.fromhex(
+    "A1 1B 30 19 06 08 2B 06 01 05 05 07 01 03 04 0D 30 0B 30 09 06 07 04 00 81 97 5E 01 01"
+)
+"""TSTInfo.extensions [1] holding one non-critical qcStatements extension (1.3.6.1.5.5.7.1.3) with exactly one
+esi4-qtstStatement-1 (id-etsi-tsts-EuQCompliance, 0.4.0.19422.1.1) and no info: ETSI EN 319 422 §9.1, SPEC ETS-05."""
+
 GRANTED_STATUS = sequence(integer(0))
 """PKIStatusInfo for granted(0), no failInfo (SPEC STS-02, STS-05)."""
 
@@ -130,6 +136,7 @@ class TokenTemplate:
         signature_algorithm: bytes,
         accuracy_us: int,
         sign: Callable[[bytes], bytes],
+        extensions: bytes = b"",
     ) -> None:
         cert = x509.Certificate.load(signer_certificate)
         issuer, serial = _issuer_and_serial(cert)
@@ -137,6 +144,7 @@ class TokenTemplate:
         self._hash = getattr(hashlib, digest_algorithm.replace("-", "_"))
         digest_size = HASH_BY_NAME[digest_algorithm].digest_size
         self._accuracy = accuracy(accuracy_us)
+        self._extensions = extensions
         digest_alg = digest_algorithm_identifier(digest_algorithm)
 
         content_type = _attribute(Attributes.CONTENT_TYPE, _TST_INFO_OID)
@@ -167,6 +175,8 @@ class TokenTemplate:
         ]
         if fields.nonce is not None:
             parts.append(integer(fields.nonce))
+        if self._extensions:
+            parts.append(self._extensions)
         return sequence(*parts)
 
     def response(self, fields: TokenFields, *, with_certificates: bool) -> bytes:

@@ -28,7 +28,9 @@ from stampd.signers.keyfile import (
     PrivateKey,
     default_signature_hash,
     generate_private_key,
+    load_encrypted_key,
     new_passphrase,
+    read_passphrase_file,
     write_encrypted_key,
     write_new_file,
     write_passphrase_file,
@@ -136,8 +138,37 @@ def create_demo_pki(
         root_key,
         rsa_pss,
     )
-    tsu = _sign(
-        _issued_by(issuing, tsu_subject, tsu_key, start, TSU_YEARS)
+    tsu = _tsu_certificate(issuing, issuing_key, subject=tsu_subject, tsu_key=tsu_key, start=start, rsa_pss=rsa_pss)
+
+    _make_private_dir(layout.root_key.parent)
+    _make_private_dir(layout.ca_passphrase_file.parent)
+    ca_passphrase = new_passphrase()
+    tsu_passphrase = new_passphrase()
+    write_passphrase_file(layout.ca_passphrase_file, ca_passphrase, overwrite=replace)
+    write_passphrase_file(layout.tsu_passphrase_file, tsu_passphrase, overwrite=replace)
+    write_encrypted_key(layout.root_key, root_key, ca_passphrase, overwrite=replace)
+    write_encrypted_key(layout.issuing_ca_key, issuing_key, ca_passphrase, overwrite=replace)
+    write_encrypted_key(layout.tsu_key, tsu_key, tsu_passphrase, overwrite=replace)
+    write_new_file(layout.root_certificate, _pem(root), overwrite=replace)
+    write_new_file(layout.issuing_ca_certificate, _pem(issuing), overwrite=replace)
+    write_new_file(layout.tsu_certificate, _pem(tsu), overwrite=replace)
+    write_new_file(layout.chain, _pem(issuing) + _pem(root), overwrite=replace)
+    return layout
+
+
+def _tsu_certificate(
+    issuing: x509.Certificate,
+    issuing_key: PrivateKey,
+    *,
+    subject: x509.Name,
+    tsu_key: PrivateKey,
+    start: datetime,
+    rsa_pss: bool,
+) -> x509.Certificate:
+    """The TSU profile (SPEC CRT-01..06): critical EKU timeStamping only, critical keyUsage digitalSignature only,
+    not a CA, and a privateKeyUsagePeriod inside the validity."""
+    return _sign(
+        _issued_by(issuing, subject, tsu_key, start, TSU_YEARS)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -162,20 +193,46 @@ def create_demo_pki(
         rsa_pss,
     )
 
-    _make_private_dir(layout.root_key.parent)
-    _make_private_dir(layout.ca_passphrase_file.parent)
-    ca_passphrase = new_passphrase()
-    tsu_passphrase = new_passphrase()
-    write_passphrase_file(layout.ca_passphrase_file, ca_passphrase, overwrite=replace)
-    write_passphrase_file(layout.tsu_passphrase_file, tsu_passphrase, overwrite=replace)
-    write_encrypted_key(layout.root_key, root_key, ca_passphrase, overwrite=replace)
-    write_encrypted_key(layout.issuing_ca_key, issuing_key, ca_passphrase, overwrite=replace)
-    write_encrypted_key(layout.tsu_key, tsu_key, tsu_passphrase, overwrite=replace)
-    write_new_file(layout.root_certificate, _pem(root), overwrite=replace)
-    write_new_file(layout.issuing_ca_certificate, _pem(issuing), overwrite=replace)
-    write_new_file(layout.tsu_certificate, _pem(tsu), overwrite=replace)
-    write_new_file(layout.chain, _pem(issuing) + _pem(root), overwrite=replace)
-    return layout
+
+@dataclass(frozen=True, slots=True)
+class TsuFiles:
+    certificate: Path
+    key: Path
+    passphrase_file: Path
+
+
+def add_demo_tsu(
+    directory: Path,
+    *,
+    name: str,
+    key_type: KeyType,
+    rsa_pss: bool,
+    organization: str,
+    country: str,
+    now: datetime,
+    replace: bool = False,
+) -> TsuFiles:
+    """One more TSU under the demo issuing CA: its own key (and passphrase) and certificate, named ``name``."""
+    layout = DemoPki.at(directory)
+    issuing = x509.load_pem_x509_certificate(layout.issuing_ca_certificate.read_bytes())
+    issuing_key = load_encrypted_key(layout.issuing_ca_key, read_passphrase_file(layout.ca_passphrase_file))
+    files = TsuFiles(
+        directory / "pki" / f"tsu-{name}.pem",
+        directory / "pki" / f"tsu-{name}-key.pem",
+        directory / "secrets" / f"tsu-{name}.pass",
+    )
+    try:
+        subject = _name(country, organization, f"{organization} TSU {name}")
+    except ValueError as e:
+        raise PKIError(f"invalid subject name: {e}") from e
+    tsu_key = generate_private_key(key_type)
+    start = now.astimezone(UTC).replace(microsecond=0)
+    tsu = _tsu_certificate(issuing, issuing_key, subject=subject, tsu_key=tsu_key, start=start, rsa_pss=rsa_pss)
+    passphrase = new_passphrase()
+    write_passphrase_file(files.passphrase_file, passphrase, overwrite=replace)
+    write_encrypted_key(files.key, tsu_key, passphrase, overwrite=replace)
+    write_new_file(files.certificate, _pem(tsu), overwrite=replace)
+    return files
 
 
 def _name(country: str, organization: str, common_name: str) -> x509.Name:

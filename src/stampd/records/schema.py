@@ -23,6 +23,16 @@ tokens = Table(
     Index("ix_tokens_gen_time_us", "gen_time_us"),
 )
 
+tsu_states = Table(
+    "tsu_states",
+    metadata,
+    Column("tsu", String(64), primary_key=True),
+    Column("state", String(16), nullable=False, comment="compromised or terminated; a TSU without a row is active"),
+    Column("since_us", BigInteger, comment="compromise: the earliest time the key may have been misused"),
+    Column("at_us", BigInteger, nullable=False, comment="when the state was recorded"),
+    Column("reason", Text),
+)
+
 events = Table(
     "events",
     metadata,

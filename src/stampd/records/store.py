@@ -8,15 +8,16 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select
+from sqlalchemy import create_engine, delete, event, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
 from stampd.model import TokenRecord
-from stampd.records.schema import events, metadata, tokens
+from stampd.records.schema import events, metadata, tokens, tsu_states
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,24 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.close()
 
 
+_SQLITE_STOPPED_TSU_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS tokens_refused_for_stopped_tsu BEFORE INSERT ON tokens
+WHEN EXISTS (SELECT 1 FROM tsu_states WHERE tsu_states.tsu = NEW.tsu)
+BEGIN SELECT RAISE(ABORT, 'the TSU is compromised or terminated'); END
+"""
+"""The database itself refuses the record of a token from a compromised or terminated TSU, so once the state is
+committed no process or node can return another token from it, whatever it has cached (SPEC OPS-10, OPS-11)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TsuState:
+    tsu: str
+    state: str
+    since_us: int | None
+    at_us: int
+    reason: str | None
+
+
 def _create_private_file(path: str, create: bool) -> None:
     """Records hold requesters' addresses: the database is created 0600 (SQLite gives its WAL the same mode)."""
     if os.path.exists(path):
@@ -102,6 +121,9 @@ class RecordStore:
                 _configure_sqlite(self._engine)
             if create:
                 metadata.create_all(self._engine)
+                if self._engine.dialect.name == "sqlite":
+                    with self._engine.begin() as conn:
+                        conn.exec_driver_sql(_SQLITE_STOPPED_TSU_TRIGGER)
         except (SQLAlchemyError, ImportError, OSError) as e:
             raise RecordingError(f"cannot open the records at {url}: {e}") from e
         self._sqlite_file = (database, os.stat(database).st_ino) if database and database != ":memory:" else None
@@ -180,6 +202,7 @@ class RecordStore:
     # --- events and reads ---
 
     def record_event(self, kind: str, detail: dict[str, Any], tsu: str | None = None) -> None:
+        """Append one event, committed before this returns."""
         try:
             with self._engine.begin() as conn:
                 conn.execute(
@@ -193,6 +216,37 @@ class RecordStore:
         with self._engine.connect() as conn:
             rows = conn.execute(select(events).order_by(events.c.id)).all()
         return [{"at_us": r.at_us, "kind": r.kind, "tsu": r.tsu, "detail": json.loads(r.detail)} for r in rows]
+
+    def stop_tsu(self, tsu: str, state: str, *, since_us: int | None, reason: str, detail: dict[str, Any]) -> TsuState:
+        """Mark ``tsu`` compromised or terminated and record the event, in one transaction; permanent."""
+        if state not in ("compromised", "terminated"):
+            raise ValueError(f"unknown TSU state {state!r}")
+        stopped = TsuState(tsu, state, since_us, time.time_ns() // 1000, reason)
+        row = {"tsu": tsu, "state": state, "since_us": since_us, "at_us": stopped.at_us, "reason": reason}
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(delete(tsu_states).where(tsu_states.c.tsu == tsu))
+                conn.execute(insert(tsu_states), [row])
+                event = {"at_us": stopped.at_us, "kind": f"tsu.{state}", "tsu": tsu, "detail": json.dumps(detail)}
+                conn.execute(insert(events), [event])
+        except SQLAlchemyError as e:
+            raise RecordingError(f"cannot record that TSU {tsu} is {state}: {e}") from e
+        return stopped
+
+    def tsu_states(self) -> dict[str, TsuState]:
+        """Every TSU that is not active, by name."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(tsu_states)).all()
+        return {r.tsu: TsuState(r.tsu, r.state, r.since_us, r.at_us, r.reason) for r in rows}
+
+    def tokens_between(self, tsu: str, since_us: int, until_us: int | None = None) -> list[TokenRecord]:
+        """Tokens of ``tsu`` with genTime in [since, until], oldest first (the compromise report, SPEC OPS-10)."""
+        query = select(tokens).where(tokens.c.tsu == tsu, tokens.c.gen_time_us >= since_us)
+        if until_us is not None:
+            query = query.where(tokens.c.gen_time_us <= until_us)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query.order_by(tokens.c.gen_time_us)).all()
+        return [_record(r) for r in rows]
 
     def last_gen_time_ns(self) -> int:
         """The latest genTime recorded, so that genTime never goes backwards across restarts (issue: clock)."""

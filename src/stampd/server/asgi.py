@@ -57,6 +57,11 @@ class TimeStampApp:
         self._readiness = readiness
         self._metrics = metrics
 
+    def replace_routes(self, units: Mapping[str, TimeStampingUnit], certificates_pem: Mapping[str, bytes]) -> None:
+        """Serve another set of TSUs from the next request on (a reload); each mapping is swapped whole."""
+        self._units = dict(units)
+        self._certs = {_certs_path(path): pem for path, pem in certificates_pem.items()}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":

@@ -215,6 +215,9 @@ class FileSigner:
     def public_key(self) -> PublicKey:
         return self._key.public_key()
 
+    def close(self) -> None:
+        """Nothing to release: the key lives in this process's memory."""
+
     def sign(self, data: bytes) -> bytes:
         """Sign ``data`` (the DER of the signed attributes); any failure becomes a :class:`SigningError`."""
         try:

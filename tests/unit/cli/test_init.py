@@ -6,6 +6,7 @@ import re
 import stat
 import sys
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
+from stampd.app import load_tsu
 from stampd.cli import main as cli_main
 from stampd.cli.init import ED25519_WARNING, PSS_WARNING, new_policy_oid
 from stampd.config import DEFAULT_LEAP_SECONDS_FILE, ClockConfig, load_config
@@ -90,7 +92,7 @@ def test_config_has_the_schema(tsa: tuple[Path, Result]) -> None:
     }
     assert set(tsu) == {
         "path", "certificate", "chain", "trust_anchor", "default_policy", "accepted_policies",
-        "hash_algorithms", "gen_time_precision", "signature_hash", "rsa_pss", "key",
+        "hash_algorithms", "gen_time_precision", "signature_hash", "rsa_pss", "qualified", "key",
     }  # fmt: skip
 
 
@@ -321,3 +323,27 @@ def test_too_long_name_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_command_is_registered() -> None:
     assert "init" in cli_main.cli.commands
+
+
+def test_several_tsus_each_with_its_own_key_and_certificate(tmp_path: Path) -> None:
+    """`--tsu NAME [--tsu NAME:qualified]`: one [tsu.NAME] table each, served at /NAME, own key and policy."""
+    directory = tmp_path / "tsa"
+    result = CliRunner().invoke(cli_main.cli, ["init", str(directory), "--tsu", "rfc3161", "--tsu", "qes:qualified"])
+    assert result.exit_code == 0, result.output
+    config = load_config(directory / "stampd.toml")
+    assert [(t.name, t.path, t.qualified) for t in config.tsus] == [
+        ("rfc3161", "/rfc3161", False),
+        ("qes", "/qes", True),
+    ]
+    first, second = config.tsus
+    assert first.default_policy != second.default_policy and first.key.path != second.key.path
+    assert (second.key.path.stat().st_mode & 0o777) == 0o600
+    names = [x509.load_pem_x509_certificate(t.certificate.read_bytes()).subject.rfc4514_string() for t in config.tsus]
+    assert names == [
+        "CN=stampd demo TSA TSU rfc3161,O=stampd demo TSA,C=XX",
+        "CN=stampd demo TSA TSU qes,O=stampd demo TSA,C=XX",
+    ]
+    loaded = [load_tsu(t, datetime.now(UTC)) for t in config.tsus]
+    assert loaded[0].certificate != loaded[1].certificate
+    bad = CliRunner().invoke(cli_main.cli, ["init", str(tmp_path / "x"), "--tsu", "a", "--tsu", "a"])
+    assert bad.exit_code == 2 and "given twice" in bad.output

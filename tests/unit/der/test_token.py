@@ -19,9 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampd.der.encoding import sorted_set_elements
+from stampd.der.encoding import octet_string, oid, sequence, sorted_set_elements, tlv
 from stampd.der.response import rejection
-from stampd.der.token import GenTimeFormatter, accuracy
+from stampd.der.token import QUALIFIED_TOKEN_EXTENSIONS, GenTimeFormatter, accuracy
 from stampd.der.token_reader import read_response
 from stampd.errors import FailureInfo, ParseError
 
@@ -249,3 +249,23 @@ def test_reader_refuses_hostile_integers_instead_of_crashing(field: str) -> None
     der = golden_template(PKI).response(fields, with_certificates=True)
     with pytest.raises(ParseError, match="INTEGER longer than"):
         read_response(der)
+
+
+def test_qualified_extension_is_byte_exact_ets_05() -> None:
+    """One non-critical qcStatements extension holding exactly esi4-qtstStatement-1, built from its parts."""
+    statement = sequence(sequence(oid("0.4.0.19422.1.1")))
+    extension = sequence(oid("1.3.6.1.5.5.7.1.3"), octet_string(statement))
+    assert tlv(0xA1, extension) == QUALIFIED_TOKEN_EXTENSIONS
+    template = golden_template(PKI)
+    template._extensions = QUALIFIED_TOKEN_EXTENSIONS
+    der = template.response(golden_fields(SHA256_REQUEST), with_certificates=True)
+    resp = strict_der(der)
+    tst = resp["time_stamp_token"]["content"]["encap_content_info"]["content"].parsed
+    assert tst.dump().endswith(QUALIFIED_TOKEN_EXTENSIONS)
+    (ext,) = tst["extensions"]
+    assert ext["extn_id"].dotted == "1.3.6.1.5.5.7.1.3" and ext["critical"].native is False  # ETS-03
+    strict_der(tst.dump(), tsp.TSTInfo)
+    token = read_response(der).token
+    assert token is not None and [(e.oid, e.critical) for e in token.tst_info.extensions] == [
+        ("1.3.6.1.5.5.7.1.3", False)
+    ]

@@ -1,0 +1,148 @@
+"""`stampd tsu compromise` and `stampd terminate`: stopping TSUs for good (RFC 3628 §7.4.8-7.4.9; SPEC OPS-10, OPS-11).
+
+Both commit the TSU's new state to the records before they return; from that commit on, the records database
+refuses every token record of that TSU, so no serving process or node can return another token from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stampd.cli.options import config_option
+from stampd.config import Config, TsuConfig, load_config
+from stampd.errors import ConfigError, StampdError
+from stampd.oids import HASH_BY_OID
+from stampd.records.store import RecordStore
+
+
+def _tsu(config: Config, name: str) -> TsuConfig:
+    for tsu in config.tsus:
+        if tsu.name == name:
+            return tsu
+    raise ConfigError(f"{config.source}: no TSU named {name!r} (known: {', '.join(t.name for t in config.tsus)})")
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO 8601 time such as 2026-11-01T00:00:00Z, not {text!r}") from None
+    if value.tzinfo is None:
+        raise click.BadParameter("the time must name its time zone (e.g. end in Z)")
+    return value.astimezone(UTC)
+
+
+@click.command("compromise")
+@config_option
+@click.argument("name")
+@click.option("--since", "since_text", required=True, metavar="TIME", help="Earliest possible misuse (ISO 8601).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the affected tokens here.")
+@click.option("--reason", default="key compromise", show_default=True)
+def compromise(config_file: str, name: str, since_text: str, report: Path | None, reason: str) -> None:
+    """Stop TSU NAME at once, in every process, and report the tokens it issued since TIME (SPEC OPS-10)."""
+    config = load_config(config_file)
+    _tsu(config, name)
+    since = _instant(since_text)
+    since_us = int(since.timestamp() * 1_000_000)
+    store = RecordStore(config.records.url, create=False)
+    try:
+        state = store.stop_tsu(
+            name, "compromised", since_us=since_us, reason=reason, detail={"since": since.isoformat(), "reason": reason}
+        )
+        affected = store.tokens_between(name, since_us)
+    finally:
+        store.close()
+    click.echo(f"TSU {name} is compromised as of {datetime.fromtimestamp(state.at_us / 1e6, UTC).isoformat()}")
+    click.echo(f"{len(affected)} tokens were issued by it since {since.isoformat()}")
+    if report is not None:
+        rows = [
+            {
+                "serial": str(r.serial),
+                "serial_hex": f"0x{r.serial:x}",
+                "gen_time": r.gen_time,
+                "hash_algorithm": HASH_BY_OID[r.hash_oid].name if r.hash_oid in HASH_BY_OID else r.hash_oid,
+                "imprint": r.imprint.hex(),
+                "policy": r.policy,
+            }
+            for r in affected
+        ]
+        document = {"tsu": name, "compromised_since": since.isoformat(), "reason": reason, "tokens": rows}
+        report.write_text(json.dumps(document, indent=2) + "\n")
+        click.echo(f"report: {report}")
+
+
+@click.command("terminate")
+@config_option
+@click.option(
+    "--archive",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the records archive (a copy of the records database).",
+)
+@click.option("--destroy-keys", is_flag=True, help="Also destroy every TSU's private key (asks to confirm).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def terminate(config_file: str, archive: Path, destroy_keys: bool, yes: bool) -> None:
+    """Stop every TSU for good, export the records, and optionally destroy the keys (SPEC OPS-11)."""
+    config = load_config(config_file)
+    names = [t.name for t in config.tsus]
+    if not yes:
+        click.confirm(f"Terminate {', '.join(names)} for good? They will never issue again", abort=True)
+    store = RecordStore(config.records.url, create=False)
+    try:
+        for name in names:
+            store.stop_tsu(name, "terminated", since_us=None, reason="termination", detail={"archive": str(archive)})
+            click.echo(f"TSU {name} is terminated")
+        _export(config, archive)
+        store.record_event("records.exported", {"archive": str(archive), "reason": "termination"})
+        click.echo(f"records archive: {archive}")
+        if destroy_keys:
+            if not yes:
+                click.confirm("Destroy every TSU private key? This cannot be undone", abort=True)
+            for tsu in config.tsus:
+                detail = _destroy_key(tsu)
+                store.record_event("key.destroyed", detail, tsu=tsu.name)
+                click.echo(f"key of {tsu.name} destroyed ({detail['location']})")
+    finally:
+        store.close()
+
+
+def _export(config: Config, archive: Path) -> None:
+    """A consistent copy of the SQLite records (the online backup API), created 0600."""
+    source = config.records.url.removeprefix("sqlite:///")
+    if source == config.records.url:
+        raise StampdError("exporting non-SQLite records is done with the database's own tools")
+    fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    with sqlite3.connect(source) as src, sqlite3.connect(archive) as dst:
+        src.backup(dst)
+
+
+def _destroy_key(tsu: TsuConfig) -> dict[str, Any]:
+    key = tsu.key
+    if key.backend == "pkcs11":
+        from stampd.signers.backends import secret  # noqa: PLC0415  (only for HSM keys)
+        from stampd.signers.pkcs11 import destroy_key  # noqa: PLC0415
+
+        assert key.module and key.token_label and key.key_label
+        count = destroy_key(
+            module=key.module,
+            token_label=key.token_label,
+            key_label=key.key_label,
+            pin=secret(key.pin_file, key.pin_env, f"tsu.{tsu.name}.key.pin_env"),
+        )
+        return {"backend": "pkcs11", "location": f"{key.token_label}/{key.key_label}", "objects": count}
+    assert key.path is not None
+    size = key.path.stat().st_size
+    with key.path.open("r+b") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+    key.path.unlink()
+    return {"backend": "file", "location": str(key.path)}
