@@ -131,6 +131,11 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
     return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
+def pid_file_for(config_file: Path) -> Path:
+    """Where `stampd serve` with this configuration notes its process id, for `stampd reload`."""
+    return config_file.resolve().with_suffix(".pid")
+
+
 def parse_duration_us(text: str) -> int:
     """ "16s", "500ms", "2m", "250us" -> microseconds."""
     match = _DURATION.match(text) if isinstance(text, str) else None

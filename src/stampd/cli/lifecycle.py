@@ -1,4 +1,6 @@
-"""`stampd tsu compromise` and `stampd terminate`: stopping TSUs for good (RFC 3628 §7.4.8-7.4.9; SPEC OPS-10, OPS-11).
+"""`stampd tsu compromise`, `stampd terminate` and `stampd reload`: changing what a running TSA serves.
+
+Compromise and termination stop TSUs for good (RFC 3628 §7.4.8-7.4.9; SPEC OPS-10, OPS-11).
 
 Both commit the TSU's new state to the records before they return; from that commit on, the records database
 refuses every token record of that TSU, so no serving process or node can return another token from it.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,10 +19,12 @@ from typing import Any
 import click
 
 from stampd.cli.options import config_option
-from stampd.config import Config, TsuConfig, load_config
+from stampd.config import Config, TsuConfig, load_config, pid_file_for
 from stampd.errors import ConfigError, StampdError
 from stampd.oids import HASH_BY_OID
 from stampd.records.store import RecordStore
+from stampd.signers.backends import secret
+from stampd.signers.pkcs11 import destroy_key
 
 
 def _tsu(config: Config, name: str) -> TsuConfig:
@@ -127,9 +132,6 @@ def _export(config: Config, archive: Path) -> None:
 def _destroy_key(tsu: TsuConfig) -> dict[str, Any]:
     key = tsu.key
     if key.backend == "pkcs11":
-        from stampd.signers.backends import secret  # noqa: PLC0415  (only for HSM keys)
-        from stampd.signers.pkcs11 import destroy_key  # noqa: PLC0415
-
         assert key.module and key.token_label and key.key_label
         count = destroy_key(
             module=key.module,
@@ -146,3 +148,19 @@ def _destroy_key(tsu: TsuConfig) -> dict[str, Any]:
         os.fsync(f.fileno())
     key.path.unlink()
     return {"backend": "file", "location": str(key.path)}
+
+
+@click.command("reload")
+@config_option
+def reload(config_file: str) -> None:
+    """Make the running server load its TSUs, keys and certificates again (SIGHUP), without dropping requests."""
+    pid_file = pid_file_for(Path(config_file))
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        raise StampdError(f"no running server for {config_file} (no readable {pid_file})") from None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise StampdError(f"the server recorded in {pid_file} (pid {pid}) is not running") from None
+    click.echo(f"asked the server (pid {pid}) to reload; its log and the records say whether it did")

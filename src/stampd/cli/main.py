@@ -48,5 +48,7 @@ for _command in (
     _stamp.command,
     _verify.command,
     _lifecycle.terminate,
+    _lifecycle.reload,
 ):
     cli.add_command(_command)
+_tsu.command.add_command(_lifecycle.compromise)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging.config
+import os
 
 import click
 
 from stampd.app import create_app
 from stampd.cli.options import config_option
-from stampd.config import load_config, split_listen
+from stampd.config import load_config, pid_file_for, split_listen
 from stampd.server.run import LOG_CONFIG, serve
 
 
@@ -25,4 +27,10 @@ def command(config_file: str, listen: str | None, workers: int | None) -> None:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
     app = create_app(config)
-    serve(config, app, host=host, port=port, workers=workers or config.server.workers)
+    pid_file = pid_file_for(config.source)
+    pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        serve(config, app, host=host, port=port, workers=workers or config.server.workers)
+    finally:
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
