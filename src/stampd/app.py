@@ -282,7 +282,7 @@ def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMoni
     def record(kind: str, detail: dict[str, Any]) -> None:
         """Events never unwind the gate: one that cannot be written now waits, in order, for the next one."""
         log.log(logging.INFO if kind == "clock.synchronised" else logging.WARNING, "%s: %s", kind, detail)
-        unrecorded.append((kind, detail))
+        unrecorded.append((kind, {**detail, "pid": os.getpid()}))
         try:
             while unrecorded:
                 store.record_event(*unrecorded[0])

@@ -304,14 +304,18 @@ def _clock(t: _Table) -> ClockConfig:
     required = t.get("required", bool, False)
     if required and not servers:
         raise t.error("required", "a production clock (required = true) needs clock.ntp_servers")
+    check_interval = t.duration_us("check_interval", "16s")
+    max_age = t.duration_us("max_age", "60s")
+    if servers and max_age < check_interval:
+        raise t.error("max_age", "must be at least clock.check_interval, or every check would go stale")
     config = ClockConfig(
         accuracy_us=accuracy,
         ntp_servers=tuple(servers),
-        check_interval_us=t.duration_us("check_interval", "16s"),
+        check_interval_us=check_interval,
         query_timeout_us=t.duration_us("query_timeout", "1s"),
         min_agree=min_agree,
         safety_margin_us=margin,
-        max_age_us=t.duration_us("max_age", "60s"),
+        max_age_us=max_age,
         leap_second=leap_second,
         smear_window_us=t.duration_us("smear_window", "24h"),
         leap_seconds_file=(t.source.parent / leap_file) if leap_file else None,
