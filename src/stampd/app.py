@@ -330,6 +330,7 @@ class _Service:
         self.tsus = tsus
         self.reload: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
+        self._key_events: set[tuple[str, str, str]] = set()
 
     def apply_tsu_states(self) -> None:
         """Stop every TSU the records say is compromised or terminated (set by `stampd tsu compromise` or
@@ -341,13 +342,36 @@ class _Service:
                 unit.stop(state.state)
                 log.error("TSU %s is %s: it issues no more tokens", unit.name, state.state)
 
+    def record_key_life(self, now_ns: int) -> None:
+        """Record, once per key, that it entered its renewal horizon (``key.expiring``) and that its signing
+        window closed (``key.expired``) (SPEC OPS-05, OPS-08)."""
+        for unit in self.tsus.units:
+            key = unit.key_at(now_ns)
+            serial = f"{key.certificate_serial:x}"
+            horizon = self.tsus.renew_before_ns[unit.name]
+            due = []
+            if now_ns > key.not_after_ns:
+                due.append("key.expired")
+            elif key.not_after_ns - now_ns < horizon:
+                due.append("key.expiring")
+            for kind in due:
+                if (unit.name, serial, kind) in self._key_events:
+                    continue
+                if not self._store.has_event(kind, unit.name, certificate_serial=serial):
+                    days = (key.not_after_ns - now_ns) / 86_400e9
+                    detail = {"certificate_serial": serial, "signing_ends_ns": key.not_after_ns, "days_left": days}
+                    self._store.record_event(kind, detail, tsu=unit.name)
+                    log.warning("TSU %s: %s (certificate %s, %.1f days left)", unit.name, kind, serial, days)
+                self._key_events.add((unit.name, serial, kind))
+
     async def _watch_tsu_states(self) -> None:
         while True:
-            await asyncio.sleep(TSU_STATE_POLL_S)
             try:
                 self.apply_tsu_states()
+                self.record_key_life(time.time_ns())
             except StampdError as e:
-                log.error("cannot read the TSU states: %s", e)
+                log.error("cannot read or record the TSU states: %s", e)
+            await asyncio.sleep(TSU_STATE_POLL_S)
 
     async def start(self) -> None:
         self.apply_tsu_states()

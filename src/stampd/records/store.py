@@ -212,6 +212,13 @@ class RecordStore:
         except SQLAlchemyError as e:
             raise RecordingError(f"cannot record the {kind} event: {e}") from e
 
+    def has_event(self, kind: str, tsu: str | None, **detail: Any) -> bool:
+        """Whether an event of ``kind`` for ``tsu`` whose detail holds these values was recorded."""
+        query = select(events.c.detail).where(events.c.kind == kind, events.c.tsu == tsu)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).scalars().all()
+        return any(all(json.loads(row).get(k) == v for k, v in detail.items()) for row in rows)
+
     def events(self) -> list[dict[str, Any]]:
         with self._engine.connect() as conn:
             rows = conn.execute(select(events).order_by(events.c.id)).all()
