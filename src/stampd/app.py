@@ -253,25 +253,30 @@ def _readiness(gate: ClockGate, units: list[TimeStampingUnit], renew_before_ns: 
     lines = [reason]
     active = 0
     for unit in units:
-        key = unit.key_at(now_ns)
-        not_before, not_after = key.not_before_ns, key.not_after_ns
-        days_left = (not_after - now_ns) / 86_400e9
-        TSU_DAYS_LEFT.labels(tsu=unit.name).set(days_left)
-        if unit.stopped is not None:
-            state = unit.stopped
-        elif not not_before <= now_ns <= not_after:
-            state = "outside its signing window (certificate validity or privateKeyUsagePeriod)"
-        else:
-            active += 1
-            state = "active"
-            if not_after - now_ns < renew_before_ns[unit.name]:
-                state += ", RENEW SOON"
-        TSU_ACTIVE.labels(tsu=unit.name).set(1 if state.startswith("active") else 0)
-        lines.append(f"tsu {unit.name}: {state}; the key may sign for {max(days_left, 0):.1f} more days")
+        line, is_active = _readiness_line(unit, now_ns, renew_before_ns[unit.name])
+        active += is_active
+        lines.append(line)
     if active == 0:
         ready = False
         lines.append("no TSU can issue tokens")
     return ready, "\n".join(lines)
+
+
+def _readiness_line(unit: TimeStampingUnit, now_ns: int, renew_before_ns: int) -> tuple[str, bool]:
+    """One TSU's state for /readyz, also set in the metrics."""
+    key = unit.key_at(now_ns)
+    days_left = (key.not_after_ns - now_ns) / 86_400e9
+    active = False
+    if unit.stopped is not None:
+        state = unit.stopped
+    elif not key.not_before_ns <= now_ns <= key.not_after_ns:
+        state = "outside its signing window (certificate validity or privateKeyUsagePeriod)"
+    else:
+        active = True
+        state = "active" + (", RENEW SOON" if key.not_after_ns - now_ns < renew_before_ns else "")
+    TSU_DAYS_LEFT.labels(tsu=unit.name).set(days_left)
+    TSU_ACTIVE.labels(tsu=unit.name).set(1 if active else 0)
+    return f"tsu {unit.name}: {state}; the key may sign for {max(days_left, 0):.1f} more days", active
 
 
 def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMonitor | None]:
@@ -342,6 +347,10 @@ class _Service:
                 unit.stop(state.state)
                 log.error("TSU %s is %s: it issues no more tokens", unit.name, state.state)
 
+    def observe_tsus(self, now_ns: int) -> None:
+        for unit in self.tsus.units:
+            _readiness_line(unit, now_ns, self.tsus.renew_before_ns[unit.name])
+
     def record_key_life(self, now_ns: int) -> None:
         """Record, once per key, that it entered its renewal horizon (``key.expiring``) and that its signing
         window closed (``key.expired``) (SPEC OPS-05, OPS-08)."""
@@ -368,7 +377,9 @@ class _Service:
         while True:
             try:
                 self.apply_tsu_states()
-                self.record_key_life(time.time_ns())
+                now_ns = time.time_ns()
+                self.record_key_life(now_ns)
+                self.observe_tsus(now_ns)
             except StampdError as e:
                 log.error("cannot read or record the TSU states: %s", e)
             await asyncio.sleep(TSU_STATE_POLL_S)

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from stampd.cli.options import config_option
-from stampd.config import Config, TsuConfig, load_config, pid_file_for
+from stampd.config import Config, KeyConfig, TsuConfig, load_config, pid_file_for
 from stampd.errors import ConfigError, StampdError
 from stampd.oids import HASH_BY_OID
 from stampd.records.store import RecordStore
@@ -99,10 +99,17 @@ def terminate(config_file: str, archive: Path, destroy_keys: bool, yes: bool) ->
     names = [t.name for t in config.tsus]
     if not yes:
         click.confirm(f"Terminate {', '.join(names)} for good? They will never issue again", abort=True)
+    if archive.exists():
+        raise StampdError(f"{archive} exists; choose a new file for the records archive")
     store = RecordStore(config.records.url, create=False)
     try:
+        states = store.tsu_states()
         for name in names:
-            store.stop_tsu(name, "terminated", since_us=None, reason="termination", detail={"archive": str(archive)})
+            if name in states and states[name].state == "compromised":
+                store.record_event("tsu.terminated", {"archive": str(archive), "state kept": "compromised"}, tsu=name)
+            else:
+                detail = {"archive": str(archive)}
+                store.stop_tsu(name, "terminated", since_us=None, reason="termination", detail=detail)
             click.echo(f"TSU {name} is terminated")
         _export(config, archive)
         store.record_event("records.exported", {"archive": str(archive), "reason": "termination"})
@@ -111,9 +118,11 @@ def terminate(config_file: str, archive: Path, destroy_keys: bool, yes: bool) ->
             if not yes:
                 click.confirm("Destroy every TSU private key? This cannot be undone", abort=True)
             for tsu in config.tsus:
-                detail = _destroy_key(tsu)
-                store.record_event("key.destroyed", detail, tsu=tsu.name)
-                click.echo(f"key of {tsu.name} destroyed ({detail['location']})")
+                keys = [tsu.key, *([tsu.next.key] if tsu.next is not None else [])]
+                for key in keys:
+                    detail = _destroy_key(tsu.name, key)
+                    store.record_event("key.destroyed", detail, tsu=tsu.name)
+                    click.echo(f"key of {tsu.name} destroyed ({detail['location']})")
     finally:
         store.close()
 
@@ -129,18 +138,19 @@ def _export(config: Config, archive: Path) -> None:
         src.backup(dst)
 
 
-def _destroy_key(tsu: TsuConfig) -> dict[str, Any]:
-    key = tsu.key
+def _destroy_key(name: str, key: KeyConfig) -> dict[str, Any]:
     if key.backend == "pkcs11":
         assert key.module and key.token_label and key.key_label
         count = destroy_key(
             module=key.module,
             token_label=key.token_label,
             key_label=key.key_label,
-            pin=secret(key.pin_file, key.pin_env, f"tsu.{tsu.name}.key.pin_env"),
+            pin=secret(key.pin_file, key.pin_env, f"tsu.{name}.key.pin_env"),
         )
         return {"backend": "pkcs11", "location": f"{key.token_label}/{key.key_label}", "objects": count}
     assert key.path is not None
+    if not key.path.exists():
+        return {"backend": "file", "location": str(key.path), "note": "already gone"}
     size = key.path.stat().st_size
     with key.path.open("r+b") as f:
         f.write(os.urandom(size))
