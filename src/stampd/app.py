@@ -83,7 +83,7 @@ def load_tsu(tsu: TsuConfig, now: datetime, *, successor: bool = False) -> Loade
         field, certificate_path, chain_paths, key = (
             f"tsu.{tsu.name}.next",
             tsu.next.certificate,
-            tsu.next.chain,
+            tsu.next.chain or tsu.chain,  # as `stampd tsu install-cert --next` checks it
             tsu.next.key,
         )
         at = tsu.next.activate_at.astimezone(UTC)
@@ -171,19 +171,27 @@ def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: 
     certificates_pem: dict[str, bytes] = {}
 
     def activated(name: str, key: SigningKey) -> None:
-        log.warning("TSU %s: the next key (certificate serial %x) is now the active key", name, key.certificate_serial)
-        store.record_event("key.activated", {"certificate_serial": f"{key.certificate_serial:x}"}, tsu=name)
+        serial = f"{key.certificate_serial:x}"
+        log.warning("TSU %s: the next key (certificate serial %s) is now the active key", name, serial)
+        if not store.has_event("key.activated", name, certificate_serial=serial):
+            store.record_event("key.activated", {"certificate_serial": serial}, tsu=name)
 
     for tsu in config.tsus:
-        item = load_tsu(tsu, now)
-        key = _signing_key(item, config.clock.accuracy_us, time.time_ns())
         successor = None
-        if tsu.next is not None:
-            activate_ns = int(tsu.next.activate_at.timestamp() * 1_000_000_000)
-            if key.not_after_ns < activate_ns:
-                raise PKIError(f"tsu.{tsu.name}.next.activate_at: the current key stops signing before it (a gap)")
-            next_item = load_tsu(tsu, now, successor=True)
-            successor = (activate_ns, _signing_key(next_item, config.clock.accuracy_us, activate_ns))
+        activate_ns = int(tsu.next.activate_at.timestamp() * 1_000_000_000) if tsu.next is not None else None
+        if activate_ns is not None and activate_ns <= time.time_ns():
+            # The next key has taken over: it alone signs; the retired key is not loaded at all.
+            item = load_tsu(tsu, now, successor=True)
+            key = _signing_key(item, config.clock.accuracy_us, time.time_ns())
+            activated(tsu.name, key)
+        else:
+            item = load_tsu(tsu, now)
+            key = _signing_key(item, config.clock.accuracy_us, time.time_ns())
+            if activate_ns is not None:
+                if key.not_after_ns < activate_ns:
+                    raise PKIError(f"tsu.{tsu.name}.next.activate_at: the current key stops signing before it (a gap)")
+                next_item = load_tsu(tsu, now, successor=True)
+                successor = (activate_ns, _signing_key(next_item, config.clock.accuracy_us, activate_ns))
         unit = TimeStampingUnit(
             name=tsu.name,
             policy=IssuancePolicy(tsu.default_policy, tsu.accepted_policies, tsu.hash_algorithms),

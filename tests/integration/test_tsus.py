@@ -641,13 +641,6 @@ def test_rollover_switches_keys_at_activate_at_ops05_crt06(rollover: Rollover, o
     assert [d["next"] for _, d in events(tsa, "certificate.installed")] == [True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: a reload (or restart) after activate_at rebuilds the TSU with the old key as current and the "
-    "next key as successor (app._build_tsus), so the first token after it 'activates' the next key again and "
-    "records a second key.activated event for the same certificate",
-)
 def test_reload_after_rollover_records_one_activation_ops08(rollover: Rollover) -> None:
     """OPS-08: `stampd reload` after the next key took over keeps signing with it, and the records still say that
     the key was activated once."""
@@ -665,13 +658,6 @@ def test_reload_after_rollover_records_one_activation_ops08(rollover: Rollover) 
     assert activations == [f"{new.serial_number:x}"], f"key.activated recorded {len(activations)} times"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="src bug: app.load_tsu reads [tsu.NAME.next] chain without falling back to the TSU's chain, as "
-    "`stampd tsu install-cert --next` does (cli/tsu.py _target: `nxt.chain or tsu.chain`); the server refuses "
-    "to start (no valid chain to the trust anchor) with a next key that install-cert accepted",
-)
 def test_next_key_without_chain_uses_the_tsu_chain_ops05(tsa_factory: TsaFactory, openssl: str, tmp_path: Path) -> None:
     """OPS-05: a [tsu.default.next] table without `chain` is accepted by `install-cert --next` (which checks the
     next certificate against the TSU's chain); `stampd serve` must accept it too, and tokens signed by the next key
