@@ -28,7 +28,10 @@ def command(config_file: str, listen: str | None, workers: int | None) -> None:
         raise click.BadParameter(str(e), param_hint="--listen") from None
     app = create_app(config)
     pid_file = pid_file_for(config.source)
-    pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        pid_file.write_text(f"{os.getpid()}\n")
+    except OSError as e:  # a read-only configuration mount: `stampd reload` then needs the pid some other way
+        logging.getLogger("stampd").warning("cannot write %s (%s): send SIGHUP to reload", pid_file, e.strerror)
     try:
         serve(config, app, host=host, port=port, workers=workers or config.server.workers)
     finally:
