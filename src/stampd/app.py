@@ -15,14 +15,14 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampd.certprofile import key_matches_certificate, profile_problems, signing_window
+from stampd.certprofile import key_fingerprint, key_matches_certificate, profile_problems, signing_window
 from stampd.clock.kernel import read_kernel_clock
 from stampd.clock.leapseconds import load_leap_table
 from stampd.clock.monitor import ClockMonitor
@@ -33,7 +33,7 @@ from stampd.config import CONFIG_ENV, ClockConfig, Config, TsuConfig, config_pat
 from stampd.der.request import encode_message_imprint
 from stampd.der.token import QUALIFIED_TOKEN_EXTENSIONS, GenTimeFormatter, TokenFields, TokenTemplate
 from stampd.errors import ConfigError, PKIError, StampdError
-from stampd.issuance import SigningKey, TimeStampingUnit
+from stampd.issuance import SigningKey, StoppedUnit, TimeStampingUnit
 from stampd.metrics import TSU_ACTIVE, TSU_DAYS_LEFT, exposition, observe_clock
 from stampd.model import MessageImprint
 from stampd.oids import SHA256
@@ -93,10 +93,26 @@ def load_tsu(tsu: TsuConfig, now: datetime, *, successor: bool = False) -> Loade
     chain = [c for p in chain_paths for c in _read_certificates(p, f"{field}.chain")]
     (anchor, *_) = _read_certificates(tsu.trust_anchor, f"tsu.{tsu.name}.trust_anchor")
     signer = open_signer(key, hash_name=tsu.signature_hash, rsa_pss=tsu.rsa_pss, field=f"{field}.key")
+    item = LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
+    try:
+        _check(item, field=field, certificate_path=certificate_path, at=at)
+    except BaseException:
+        signer.close()
+        raise
+    return item
+
+
+def _check(item: LoadedTsu, *, field: str, certificate_path: Path, at: datetime) -> None:
+    """The checks of SPEC CRT-01..07 that a key and certificate pass before they sign anything."""
+    tsu, signer, certificate, chain, anchor = item.config, item.signer, item.certificate, list(item.chain), item.anchor
     if not key_matches_certificate(signer.public_key, certificate):
         raise PKIError(f"{field}: the key does not match the certificate {certificate_path}")
+    # Validity is checked per token (the signing window); everything else a relying party would reject is fatal,
+    # with the same rules as `stampd tsu install-cert` (a CA certificate or extra key usages are refused).
+    window_start, window_end = signing_window(certificate)
+    at = min(max(at, window_start), window_end)
     problems = profile_problems(certificate, at)
-    fatal = [str(p) for p in problems if p.fatal]
+    fatal = [str(p) for p in problems if p.fatal or p.requirement in ("CRT-03", "CRT-04")]
     if fatal:
         raise PKIError(f"{field}: the certificate {certificate_path} cannot be used: " + "; ".join(fatal))
     for problem in problems:
@@ -104,7 +120,11 @@ def load_tsu(tsu: TsuConfig, now: datetime, *, successor: bool = False) -> Loade
     path = validate_chain(certificate, intermediates=chain, anchors=[anchor], at=at)
     if not path.ok:
         raise PKIError(f"{field}: no valid chain to {tsu.trust_anchor}: " + "; ".join(path.problems))
-    return LoadedTsu(tsu, signer, certificate, tuple(chain), anchor)
+
+
+def _ns(moment: datetime) -> int:
+    """Exact nanoseconds since the epoch (no float rounding: a rollover instant must be exact)."""
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
 
 
 def _signing_key(item: LoadedTsu, accuracy_us: int, at_ns: int) -> SigningKey:
@@ -119,14 +139,9 @@ def _signing_key(item: LoadedTsu, accuracy_us: int, at_ns: int) -> SigningKey:
         sign=item.signer.sign,
         extensions=QUALIFIED_TOKEN_EXTENSIONS if tsu.qualified else b"",
     )
-    _self_test(tsu, template, item, at_ns)
     start, end = signing_window(item.certificate)
-    return SigningKey(
-        template,
-        int(start.timestamp()) * 1_000_000_000,
-        int(end.timestamp()) * 1_000_000_000 + 999_999_999,
-        item.certificate.serial_number,
-    )
+    _self_test(tsu, template, item, min(max(at_ns, _ns(start)), _ns(end)))  # an expired key is tested in its window
+    return SigningKey(template, _ns(start), _ns(end), item.certificate.serial_number)
 
 
 def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu, at_ns: int) -> None:
@@ -155,20 +170,37 @@ def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu, at_ns: 
 class _Tsus:
     """The TSUs of one configuration, as the server routes to them."""
 
-    routes: dict[str, TimeStampingUnit]
+    routes: dict[str, TimeStampingUnit | StoppedUnit]
     certificates_pem: dict[str, bytes]
     renew_before_ns: dict[str, int]
 
     @property
     def units(self) -> list[TimeStampingUnit]:
-        return list(dict.fromkeys(self.routes.values()))
+        """The TSUs that hold a key (a stopped TSU's stand-in holds none)."""
+        return [u for u in dict.fromkeys(self.routes.values()) if isinstance(u, TimeStampingUnit)]
+
+    @property
+    def stopped(self) -> list[StoppedUnit]:
+        return [u for u in dict.fromkeys(self.routes.values()) if isinstance(u, StoppedUnit)]
+
+
+def _stopped_key_fingerprints(store: RecordStore) -> dict[str, str]:
+    """Keys of compromised or terminated TSUs (fingerprint -> state): refused under any TSU name."""
+    found: dict[str, str] = {}
+    for event in store.events():
+        if event["kind"] in ("tsu.compromised", "tsu.terminated"):
+            for fingerprint in event["detail"].get("key_fingerprints", []):
+                found[fingerprint] = event["kind"].removeprefix("tsu.")
+    return found
 
 
 def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: RandomSerialSource) -> _Tsus:
     """Load and check every TSU of ``config`` (fail closed: any problem raises before anything is served)."""
     now = datetime.now(UTC)
-    routes: dict[str, TimeStampingUnit] = {}
+    routes: dict[str, TimeStampingUnit | StoppedUnit] = {}
     certificates_pem: dict[str, bytes] = {}
+    states = store.tsu_states()
+    stopped_keys = _stopped_key_fingerprints(store)
 
     def activated(name: str, key: SigningKey) -> None:
         serial = f"{key.certificate_serial:x}"
@@ -177,8 +209,12 @@ def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: 
             store.record_event("key.activated", {"certificate_serial": serial}, tsu=name)
 
     for tsu in config.tsus:
+        if tsu.name in states:
+            routes[tsu.path] = StoppedUnit(tsu.name, states[tsu.name].state)
+            log.error("TSU %s is %s: it issues no more tokens", tsu.name, states[tsu.name].state)
+            continue
         successor = None
-        activate_ns = int(tsu.next.activate_at.timestamp() * 1_000_000_000) if tsu.next is not None else None
+        activate_ns = _ns(tsu.next.activate_at) if tsu.next is not None else None
         if activate_ns is not None and activate_ns <= time.time_ns():
             # The next key has taken over: it alone signs; the retired key is not loaded at all.
             item = load_tsu(tsu, now, successor=True)
@@ -203,13 +239,23 @@ def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: 
             successor=successor,
             on_activate=activated,
         )
+        reused = stopped_keys.get(key_fingerprint(item.certificate)) or (
+            stopped_keys.get(key_fingerprint(next_item.certificate)) if successor is not None else None
+        )
+        if reused is not None:
+            raise PKIError(f"tsu.{tsu.name}: its key belongs to a TSU that is {reused}; it may never sign again")
         routes[tsu.path] = unit
         if tsu.name == "default" and tsu.path != "/default":
             routes.setdefault("/default", unit)
+            certificates_pem_alias = "/default"
+        else:
+            certificates_pem_alias = None
         chain = [item.certificate, *item.chain]
         if item.anchor not in chain:
             chain.append(item.anchor)
         certificates_pem[tsu.path] = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
+        if certificates_pem_alias is not None:
+            certificates_pem.setdefault(certificates_pem_alias, certificates_pem[tsu.path])
     if "/" not in routes:
         routes["/"] = routes[config.tsus[0].path]
         certificates_pem.setdefault("/", certificates_pem[config.tsus[0].path])
@@ -220,6 +266,11 @@ def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: 
 
 def create_app(config: Config) -> TimeStampApp:
     store = RecordStore(config.records.url)
+    try:
+        store.check_schema(config.source)
+    except StampdError:
+        store.close()
+        raise
     gate, monitor = _clock(config.clock, store)
     clock = GatedClock(gate)
     serials = RandomSerialSource()
@@ -231,7 +282,7 @@ def create_app(config: Config) -> TimeStampApp:
         max_request_bytes=config.server.max_request_bytes,
         on_startup=service.start,
         on_shutdown=service.stop,
-        readiness=lambda: _readiness(gate, service.tsus.units, service.tsus.renew_before_ns),
+        readiness=lambda: _readiness(gate, service.tsus),
         metrics=exposition,
     )
 
@@ -254,16 +305,19 @@ def create_app(config: Config) -> TimeStampApp:
     return app
 
 
-def _readiness(gate: ClockGate, units: list[TimeStampingUnit], renew_before_ns: dict[str, int]) -> tuple[bool, str]:
+def _readiness(gate: ClockGate, tsus: _Tsus) -> tuple[bool, str]:
     """/readyz: the clock's verdict, then one line per TSU with its state and the days its key may still sign."""
     now_ns = time.time_ns()
     ready, reason = gate.readiness(now_ns, time.monotonic_ns())
     lines = [reason]
     active = 0
-    for unit in units:
-        line, is_active = _readiness_line(unit, now_ns, renew_before_ns[unit.name])
+    for unit in tsus.units:
+        line, is_active = _readiness_line(unit, now_ns, tsus.renew_before_ns[unit.name])
         active += is_active
         lines.append(line)
+    for stopped in tsus.stopped:
+        TSU_ACTIVE.labels(tsu=stopped.name).set(0)
+        lines.append(f"tsu {stopped.name}: {stopped.stopped}")
     if active == 0:
         ready = False
         lines.append("no TSU can issue tokens")
@@ -388,8 +442,8 @@ class _Service:
                 now_ns = time.time_ns()
                 self.record_key_life(now_ns)
                 self.observe_tsus(now_ns)
-            except StampdError as e:
-                log.error("cannot read or record the TSU states: %s", e)
+            except Exception:  # a transient database error must not end the watch
+                log.exception("cannot read or record the TSU states")
             await asyncio.sleep(TSU_STATE_POLL_S)
 
     async def start(self) -> None:

@@ -7,11 +7,13 @@ a SHOULD (the server refuses to start with it, a verifier only warns).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 
@@ -155,6 +157,12 @@ def _validity(cert: x509.Certificate, extensions: x509.Extensions, at: datetime)
             )
         )
     return problems
+
+
+def key_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's SubjectPublicKeyInfo: names a key whatever TSU or certificate carries it."""
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
 
 
 def signing_window(cert: x509.Certificate) -> tuple[datetime, datetime]:

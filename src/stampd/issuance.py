@@ -66,13 +66,22 @@ class TimeStampingUnit:
         self._serials = serials
         self._records = records
 
-    def key_at(self, now_ns: int) -> SigningKey:
-        """The key in effect at ``now_ns``; the first use of a successor makes it the key for good."""
+    def key_at(self, gen_time_ns: int) -> SigningKey:
+        """The key that signs a token dated ``gen_time_ns``: the successor from its activation instant on.
+
+        Pure: observers (/readyz, metrics) may ask for any instant; only issuance moves the TSU to its successor.
+        """
         successor = self._successor
-        if successor is not None and now_ns >= successor[0]:
-            self._key, self._successor = successor[1], None
-            self._on_activate(self.name, self._key)
+        if successor is not None and gen_time_ns >= successor[0]:
+            return successor[1]
         return self._key
+
+    def _signing_key(self, gen_time_ns: int) -> SigningKey:
+        key = self.key_at(gen_time_ns)
+        if key is not self._key:
+            self._key, self._successor = key, None
+            self._on_activate(self.name, key)
+        return key
 
     def stop(self, state: str) -> None:
         """Refuse every request from now on (compromise or termination, SPEC OPS-10, OPS-11); permanent."""
@@ -84,7 +93,7 @@ class TimeStampingUnit:
             raise SigningError(f"TSU {self.name} is {self.stopped}")
         policy = self.policy.policy_for(request)
         now_ns = self._gen_time.truncate(self._clock.now_ns())
-        key = self.key_at(now_ns)
+        key = self._signing_key(now_ns)
         if not key.not_before_ns <= now_ns <= key.not_after_ns:
             raise SigningError("the TSU key may not sign now (certificate validity or privateKeyUsagePeriod)")
         gen_time = self._gen_time.text(now_ns)
@@ -127,3 +136,15 @@ class TimeStampingUnit:
         except Rejection as e:
             return rejection(e.fail_info, str(e))
         return issued.response
+
+
+class StoppedUnit:
+    """A compromised or terminated TSU: it holds no key and answers every request with systemFailure, so that its
+    state survives restarts even after its key was destroyed (SPEC OPS-10, OPS-11)."""
+
+    def __init__(self, name: str, state: str) -> None:
+        self.name = name
+        self.stopped = state
+
+    async def respond(self, request: TimeStampRequest, requester: str | None) -> bytes:
+        return rejection(SystemFailure.fail_info, "the TSA could not issue a token; try again later")

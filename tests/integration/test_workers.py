@@ -221,6 +221,7 @@ def test_records_directory_removed_mid_run_gives_system_failure(tsa_factory: Tsa
 
     def make_directory(tsa: LiveTsa) -> None:
         (tsa.dir / "records").mkdir()
+        tsa.stampd("db", "upgrade")
 
     tsa = tsa_factory(
         "ec-p256", name="records-removed", config_edit=_records_in_subdirectory, before_start=make_directory

@@ -174,8 +174,9 @@ def test_rollover_switches_at_the_instant_with_no_gap_and_no_overlap() -> None:
         successor=(GOLDEN_NS, SigningKey(new_template, GOLDEN_NS, 2**63, 2)),
         on_activate=lambda name, key: activated.append((name, key.certificate_serial)),
     )
+    assert tsu.key_at(GOLDEN_NS + 10**9).certificate_serial == 2  # an observer asking about later instants...
     signatures = []
-    for offset_ms in (-3, -2, -1, 0, 1, 2):
+    for offset_ms in (-3, -2, -1, 0, 1, 2):  # ...switches nothing: the genTime alone picks the key
         clock.ns = GOLDEN_NS + offset_ms * 1_000_000
         der = asyncio.run(tsu.respond(SHA256_REQUEST, None))
         token = read_response(der).token

@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 from cryptography import x509
 
+from stampd.config import load_config
 from stampd.errors import ConfigError
 from stampd.pki.demo import DemoPki, TsuFiles, add_demo_tsu, create_demo_pki
+from stampd.records.migrate import upgrade
 from stampd.signers.keyfile import DEFAULT_KEY_TYPE, KeyType, default_signature_hash, write_new_file
 
 CONFIG_NAME = "stampd.toml"
@@ -173,6 +175,8 @@ def _validate_tsus(ctx: click.Context, param: click.Parameter, value: tuple[str,
         name, _, flag = spec.partition(":")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", name) or flag not in ("", "qualified"):
             raise click.BadParameter(f"expected NAME or NAME:qualified (NAME: letters, digits, - and _), got {spec!r}")
+        if name in ("healthz", "readyz", "metrics", "certs"):
+            raise click.BadParameter(f"/{name} is one of the server's own endpoints; choose another TSU name")
         if name in (t[0] for t in tsus):
             raise click.BadParameter(f"TSU {name!r} is given twice")
         tsus.append((name, flag == "qualified"))
@@ -293,6 +297,7 @@ def command(
         )
     config = render_config(listen=listen, policy=policy, signature_hash=signature_hash, rsa_pss=rsa_pss, tsus=sections)
     write_new_file(config_path, config.encode("utf-8"), overwrite=force)
+    upgrade(load_config(config_path).records.url)  # the records database, ready for `stampd serve`
 
     click.echo(f"Created a time-stamping authority in {directory}")
     for section in sections or [TsuSection("default", "/", str(pki.tsu_certificate), "", "", policy, "", False)]:

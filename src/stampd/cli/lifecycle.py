@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography import x509
 
+from stampd.certprofile import key_fingerprint
 from stampd.cli.options import config_option
 from stampd.config import Config, KeyConfig, TsuConfig, load_config, pid_file_for
 from stampd.errors import ConfigError, StampdError
@@ -32,6 +34,18 @@ def _tsu(config: Config, name: str) -> TsuConfig:
         if tsu.name == name:
             return tsu
     raise ConfigError(f"{config.source}: no TSU named {name!r} (known: {', '.join(t.name for t in config.tsus)})")
+
+
+def _key_fingerprints(tsu: TsuConfig) -> list[str]:
+    """The TSU's keys, by their certificates' public keys: a stopped key stays refused under any TSU name."""
+    paths = [tsu.certificate, *([tsu.next.certificate] if tsu.next is not None else [])]
+    found = []
+    for path in paths:
+        try:
+            found.append(key_fingerprint(x509.load_pem_x509_certificate(path.read_bytes())))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _instant(text: str) -> datetime:
@@ -53,14 +67,19 @@ def _instant(text: str) -> datetime:
 def compromise(config_file: str, name: str, since_text: str, report: Path | None, reason: str) -> None:
     """Stop TSU NAME at once, in every process, and report the tokens it issued since TIME (SPEC OPS-10)."""
     config = load_config(config_file)
-    _tsu(config, name)
+    tsu = _tsu(config, name)
     since = _instant(since_text)
-    since_us = int(since.timestamp() * 1_000_000)
+    if since > datetime.now(UTC):
+        raise click.BadParameter("--since is in the future: a compromise is dated when the key may first have leaked")
+    report_fd = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) if report is not None else None
     store = RecordStore(config.records.url, create=False)
     try:
-        state = store.stop_tsu(
-            name, "compromised", since_us=since_us, reason=reason, detail={"since": since.isoformat(), "reason": reason}
-        )
+        earlier = store.tsu_states().get(name)
+        if earlier is not None and earlier.state == "compromised" and earlier.since_us is not None:
+            since = min(since, datetime.fromtimestamp(earlier.since_us / 1e6, UTC))  # never narrow the window
+        since_us = int(since.timestamp() * 1_000_000)
+        detail = {"since": since.isoformat(), "reason": reason, "key_fingerprints": _key_fingerprints(tsu)}
+        state = store.stop_tsu(name, "compromised", since_us=since_us, reason=reason, detail=detail)
         affected = store.tokens_between(name, since_us)
     finally:
         store.close()
@@ -79,7 +98,9 @@ def compromise(config_file: str, name: str, since_text: str, report: Path | None
             for r in affected
         ]
         document = {"tsu": name, "compromised_since": since.isoformat(), "reason": reason, "tokens": rows}
-        report.write_text(json.dumps(document, indent=2) + "\n")
+        assert report_fd is not None
+        with os.fdopen(report_fd, "w") as f:
+            f.write(json.dumps(document, indent=2) + "\n")
         click.echo(f"report: {report}")
 
 
@@ -97,18 +118,19 @@ def terminate(config_file: str, archive: Path, destroy_keys: bool, yes: bool) ->
     """Stop every TSU for good, export the records, and optionally destroy the keys (SPEC OPS-11)."""
     config = load_config(config_file)
     names = [t.name for t in config.tsus]
+    if archive.exists() or not archive.parent.is_dir():
+        raise StampdError(f"{archive} exists or its directory does not; choose a new file for the records archive")
     if not yes:
         click.confirm(f"Terminate {', '.join(names)} for good? They will never issue again", abort=True)
-    if archive.exists():
-        raise StampdError(f"{archive} exists; choose a new file for the records archive")
     store = RecordStore(config.records.url, create=False)
     try:
         states = store.tsu_states()
-        for name in names:
+        for tsu_config in config.tsus:
+            name = tsu_config.name
             if name in states and states[name].state == "compromised":
                 store.record_event("tsu.terminated", {"archive": str(archive), "state kept": "compromised"}, tsu=name)
             else:
-                detail = {"archive": str(archive)}
+                detail = {"archive": str(archive), "key_fingerprints": _key_fingerprints(tsu_config)}
                 store.stop_tsu(name, "terminated", since_us=None, reason="termination", detail=detail)
             click.echo(f"TSU {name} is terminated")
         _export(config, archive)

@@ -11,13 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, insert, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
 from stampd.model import TokenRecord
-from stampd.records.schema import events, metadata, tokens, tsu_states
+from stampd.records.engine import open_engine, records_url, sqlite_file
+from stampd.records.migrate import current_revision, head_revision
+from stampd.records.schema import events, tokens, tsu_states
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +62,6 @@ def _record(row: Any) -> TokenRecord:
     )
 
 
-BUSY_TIMEOUT_MS = 200
-"""How long a commit waits for another process's write lock. It waits on the event loop, so it is short: a lock
-held longer (a backup, a stuck process) fails the waiting requests with systemFailure instead of freezing the
-worker."""
-
-
-def _configure_sqlite(engine: Engine) -> None:
-    """WAL with a full sync at every commit: a committed record survives power loss; readers never block."""
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cursor.close()
-
-
-_SQLITE_STOPPED_TSU_TRIGGER = """
-CREATE TRIGGER IF NOT EXISTS tokens_refused_for_stopped_tsu BEFORE INSERT ON tokens
-WHEN EXISTS (SELECT 1 FROM tsu_states WHERE tsu_states.tsu = NEW.tsu)
-BEGIN SELECT RAISE(ABORT, 'the TSU is compromised or terminated'); END
-"""
-"""The database itself refuses the record of a token from a compromised or terminated TSU, so once the state is
-committed no process or node can return another token from it, whatever it has cached (SPEC OPS-10, OPS-11)."""
-
-
 @dataclass(frozen=True, slots=True)
 class TsuState:
     tsu: str
@@ -97,41 +71,48 @@ class TsuState:
     reason: str | None
 
 
-def _create_private_file(path: str, create: bool) -> None:
-    """Records hold requesters' addresses: the database is created 0600 (SQLite gives its WAL the same mode)."""
-    if os.path.exists(path):
-        return
-    if not create:
-        raise FileNotFoundError(f"no records database at {path}")
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-
 class RecordStore:
-    """Tokens and events in one SQL database (SQLite by default)."""
+    """Tokens and events in one SQL database: SQLite (the embedded default) or PostgreSQL (psycopg 3)."""
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         """Open the records at ``url``; with ``create`` false (the read-only commands) a missing SQLite database
-        is an error rather than a new empty one."""
+        is an error rather than a new empty one. The schema is not created here: `stampd db upgrade` (or
+        :func:`stampd.records.migrate.upgrade`) does, and :meth:`check_schema` says whether it is the one expected."""
+        self._url = url
         try:
-            self._engine = create_engine(url)
-            database = self._engine.url.database if self._engine.dialect.name == "sqlite" else None
-            if database and database != ":memory:":
-                _create_private_file(database, create)
-            if self._engine.dialect.name == "sqlite":
-                _configure_sqlite(self._engine)
-            if create:
-                metadata.create_all(self._engine)
-                if self._engine.dialect.name == "sqlite":
-                    with self._engine.begin() as conn:
-                        conn.exec_driver_sql(_SQLITE_STOPPED_TSU_TRIGGER)
+            self._engine = open_engine(url, create=create)
+            database = sqlite_file(self._engine)
+            self._sqlite_file = (database, os.stat(database).st_ino) if database is not None else None
         except (SQLAlchemyError, ImportError, OSError) as e:
-            raise RecordingError(f"cannot open the records at {url}: {e}") from e
-        self._sqlite_file = (database, os.stat(database).st_ino) if database and database != ":memory:" else None
+            raise RecordingError(f"cannot open the records at {self._shown_url}: {e}") from e
+        # The hot path bypasses SQLAlchemy: one INSERT compiled once for this dialect, run through DB-API
+        # executemany (sqlite3: qmark, positional; psycopg: pyformat, named).
         statement = insert(tokens).compile(dialect=self._engine.dialect)
         self._insert_sql = str(statement)
         self._insert_order = tuple(statement.positiontup or ()) if statement.positional else None
         self._connection: Any = None
         self._pending: list[_Pending] = []
+
+    @property
+    def _shown_url(self) -> str:
+        return records_url(self._url).render_as_string(hide_password=True)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return str(self._engine.dialect.name)
+
+    def check_schema(self, config_file: str | os.PathLike[str] = "FILE") -> None:
+        """Refuse a database whose schema revision is not the one this stampd was written for: older (or empty)
+        needs `stampd db upgrade`; newer or unknown needs this stampd upgraded."""
+        expected = head_revision()
+        actual = current_revision(self._url)
+        if actual != expected:
+            shown = "empty (no records schema)" if actual is None else actual
+            raise RecordingError(
+                f"the records schema is at {shown}, this stampd needs {expected}: "
+                f"run `stampd db upgrade -c {config_file}`"
+            )
 
     # --- issuance path ---
 
@@ -232,6 +213,11 @@ class RecordStore:
         row = {"tsu": tsu, "state": state, "since_us": since_us, "at_us": stopped.at_us, "reason": reason}
         try:
             with self._engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # Wait for the token transactions in flight and hold back new ones until this commits: a
+                    # token whose record committed after this state would otherwise have slipped past the
+                    # trigger on a snapshot taken before it (SQLite serialises writers, so needs nothing).
+                    conn.exec_driver_sql("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE")
                 conn.execute(delete(tsu_states).where(tsu_states.c.tsu == tsu))
                 conn.execute(insert(tsu_states), [row])
                 event = {"at_us": stopped.at_us, "kind": f"tsu.{state}", "tsu": tsu, "detail": json.dumps(detail)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from stampd.der.request import decode_request
 from stampd.errors import (
@@ -20,9 +20,16 @@ from stampd.errors import (
     TransportError,
     UnsupportedMediaType,
 )
-from stampd.issuance import TimeStampingUnit
+from stampd.model import TimeStampRequest
 
 log = logging.getLogger(__name__)
+
+
+class Responder(Protocol):
+    """What serves a TSU's path: the core's TimeStampingUnit (or a stopped TSU's stand-in)."""
+
+    async def respond(self, request: TimeStampRequest, requester: str | None) -> bytes: ...
+
 
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -40,7 +47,7 @@ class TimeStampApp:
 
     def __init__(
         self,
-        units: Mapping[str, TimeStampingUnit],
+        units: Mapping[str, Responder],
         certificates_pem: Mapping[str, bytes],
         *,
         max_request_bytes: int,
@@ -57,7 +64,7 @@ class TimeStampApp:
         self._readiness = readiness
         self._metrics = metrics
 
-    def replace_routes(self, units: Mapping[str, TimeStampingUnit], certificates_pem: Mapping[str, bytes]) -> None:
+    def replace_routes(self, units: Mapping[str, Responder], certificates_pem: Mapping[str, bytes]) -> None:
         """Serve another set of TSUs from the next request on (a reload); each mapping is swapped whole."""
         self._units = dict(units)
         self._certs = {_certs_path(path): pem for path, pem in certificates_pem.items()}

@@ -11,6 +11,7 @@ import pytest
 
 from stampd.errors import RecordingError
 from stampd.model import TokenRecord
+from stampd.records.migrate import upgrade
 from stampd.records.store import RecordStore
 
 
@@ -31,7 +32,9 @@ def record(serial: int, imprint: bytes = b"\x01" * 32, nonce: int | None = 7) ->
 
 @pytest.fixture
 def store(tmp_path: Path) -> RecordStore:
-    s = RecordStore(f"sqlite:///{tmp_path / 'records.sqlite3'}")
+    url = f"sqlite:///{tmp_path / 'records.sqlite3'}"
+    upgrade(url)
+    s = RecordStore(url)
     yield s
     s.close()
 
@@ -87,6 +90,8 @@ def test_database_is_created_private_and_read_only_commands_never_create_one(tmp
     """The records hold requesters' addresses (0600); `tokens show` on a mistyped path must not make a new one."""
     path = tmp_path / "records.sqlite3"
     store = RecordStore(f"sqlite:///{path}")
+    assert path.stat().st_mode & 0o777 == 0o600
+    upgrade(f"sqlite:///{path}")
     asyncio.run(record_all(store, [record(1)]))
     store.close()
     assert path.stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,63 @@
+"""Opening a records database: the URL's driver, the SQLite file's mode and pragmas, in one place for the store
+and the migrations."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import NullPool
+
+BUSY_TIMEOUT_MS = 200
+"""How long a commit waits for another process's write lock. It waits on the event loop, so it is short: a lock
+held longer (a backup, a stuck process) fails the waiting requests with systemFailure instead of freezing the
+worker."""
+
+
+def records_url(url: str) -> URL:
+    """``url`` with the driver stampd uses: ``postgresql://`` means psycopg 3 (SQLAlchemy's default is psycopg2)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def sqlite_file(engine: Engine) -> str | None:
+    """The SQLite database file of ``engine``, or None (PostgreSQL, or an in-memory database)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    return database if database and database != ":memory:" else None
+
+
+def _create_private_file(path: str, create: bool) -> None:
+    """Records hold requesters' addresses: the database is created 0600 (SQLite gives its WAL the same mode)."""
+    if os.path.exists(path):
+        return
+    if not create:
+        raise FileNotFoundError(f"no records database at {path}")
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL with a full sync at every commit: a committed record survives power loss; readers never block."""
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+
+def open_engine(url: str, *, create: bool, pooled: bool = True) -> Engine:
+    """An engine on the records at ``url``. A missing SQLite file is created 0600 with ``create``, and is an error
+    (FileNotFoundError) without it. Raises SQLAlchemy's errors, ImportError (no driver) or OSError."""
+    engine = create_engine(records_url(url), **({} if pooled else {"poolclass": NullPool}))
+    database = sqlite_file(engine)
+    if database is not None:
+        _create_private_file(database, create)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
