@@ -160,7 +160,8 @@ def test_events_are_recorded_in_order(store: RecordStore) -> None:
 
 
 def test_a_lost_connection_fails_requests_then_recovers(store: RecordStore, pg_url: str) -> None:
-    """STS-06: a dropped server connection is systemFailure for the waiting requests, never a hang or a token."""
+    """STS-06: a dropped server connection is systemFailure for the waiting requests, never a hang or a token; the
+    next batch opens a new connection (a database restart or failover needs no restart of stampd)."""
     assert asyncio.run(record_all(store, [token_record(1)])) == [None]
     name = pg_url.rsplit("/", 1)[1]
     with _admin() as admin:
@@ -168,6 +169,8 @@ def test_a_lost_connection_fails_requests_then_recovers(store: RecordStore, pg_u
     outcomes = asyncio.run(record_all(store, [token_record(2)]))
     assert isinstance(outcomes[0], RecordingError)
     assert store.token_by_serial(2) is None
+    assert asyncio.run(record_all(store, [token_record(3)])) == [None]
+    assert store.token_by_serial(3) == token_record(3)
 
 
 # --- a whole TSA on PostgreSQL ---

@@ -4,6 +4,7 @@ is answered only after the transaction holding its record has committed (RFC 362
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -156,16 +157,25 @@ class RecordStore:
                 cursor.executemany(self._insert_sql, params)
                 self._connection.commit()
             except BaseException:
-                self._connection.rollback()
+                with contextlib.suppress(Exception):
+                    self._connection.rollback()
                 raise
             finally:
-                cursor.close()
+                with contextlib.suppress(Exception):
+                    cursor.close()
             return [None] * len(params)
         except Exception as e:  # any failure must answer the waiting requests, never strand them
+            self._discard_connection()  # a lost connection (database restart, failover) is replaced next time
             if len(params) == 1:
                 log.error("records: a token could not be committed: %s", e)
                 return [RecordingError("the records store failed")]
         return [self._commit([p])[0] for p in params]
+
+    def _discard_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+            self._connection = None
 
     def _check_sqlite_file(self) -> None:
         """SQLite writes on into a database file that was deleted or replaced: its records would be lost, so a
