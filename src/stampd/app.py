@@ -22,7 +22,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampd.certprofile import key_fingerprint, key_matches_certificate, profile_problems, signing_window
+from stampd.certprofile import key_fingerprint, key_matches_certificate, signing_window, tsu_refusals
 from stampd.clock.kernel import read_kernel_clock
 from stampd.clock.leapseconds import load_leap_table
 from stampd.clock.monitor import ClockMonitor
@@ -111,12 +111,11 @@ def _check(item: LoadedTsu, *, field: str, certificate_path: Path, at: datetime)
     # with the same rules as `stampd tsu install-cert` (a CA certificate or extra key usages are refused).
     window_start, window_end = signing_window(certificate)
     at = min(max(at, window_start), window_end)
-    problems = profile_problems(certificate, at)
-    fatal = [str(p) for p in problems if p.fatal or p.requirement in ("CRT-03", "CRT-04")]
-    if fatal:
-        raise PKIError(f"{field}: the certificate {certificate_path} cannot be used: " + "; ".join(fatal))
-    for problem in problems:
-        log.warning("%s: certificate %s: %s", field, certificate_path, problem)
+    refused, warnings = tsu_refusals(certificate, at)
+    if refused:
+        raise PKIError(f"{field}: the certificate {certificate_path} cannot be used: " + "; ".join(refused))
+    for warning in warnings:
+        log.warning("%s: certificate %s: %s", field, certificate_path, warning)
     path = validate_chain(certificate, intermediates=chain, anchors=[anchor], at=at)
     if not path.ok:
         raise PKIError(f"{field}: no valid chain to {tsu.trust_anchor}: " + "; ".join(path.problems))

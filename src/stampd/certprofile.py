@@ -94,20 +94,37 @@ def _key_usage(extensions: x509.Extensions) -> list[ProfileProblem]:
         problems.append(ProfileProblem("CRT-03", "keyUsage is not critical", fatal=False))
     if not ku.digital_signature:
         problems.append(ProfileProblem("CRT-03", "keyUsage lacks digitalSignature", fatal=not ku.content_commitment))
-    extra = [
-        name
-        for name, present in (
-            ("keyEncipherment", ku.key_encipherment),
-            ("dataEncipherment", ku.data_encipherment),
-            ("keyAgreement", ku.key_agreement),
-            ("keyCertSign", ku.key_cert_sign),
-            ("cRLSign", ku.crl_sign),
-        )
-        if present
-    ]
+    extra = _extra_key_usages(ku)
     if extra:
         problems.append(ProfileProblem("CRT-03", f"keyUsage also allows {', '.join(extra)}", fatal=False))
     return problems
+
+
+def _extra_key_usages(ku: x509.KeyUsage) -> list[str]:
+    """Key usages beyond signing, which a TSU key must not have (SPEC CRT-02, CRT-03)."""
+    usages = (
+        ("keyEncipherment", ku.key_encipherment),
+        ("dataEncipherment", ku.data_encipherment),
+        ("keyAgreement", ku.key_agreement),
+        ("keyCertSign", ku.key_cert_sign),
+        ("cRLSign", ku.crl_sign),
+    )
+    return [name for name, present in usages if present]
+
+
+def tsu_refusals(cert: x509.Certificate, at: datetime) -> tuple[list[str], list[str]]:
+    """(reasons to refuse, warnings) for a certificate stampd itself would sign with: the fatal profile problems,
+    a CA certificate (CRT-04) and key usages beyond signing (CRT-03) are refused; other SHOULDs are warnings.
+    The server's start-up and `stampd tsu install-cert` apply exactly this."""
+    refused: list[str] = []
+    warnings: list[str] = []
+    for problem in profile_problems(cert, at):
+        extra_usage = problem.requirement == "CRT-03" and problem.message.startswith("keyUsage also allows")
+        if problem.fatal or problem.requirement == "CRT-04" or extra_usage:
+            refused.append(str(problem) + ("; a TSU key signs time-stamps only (CRT-02)" if extra_usage else ""))
+        else:
+            warnings.append(str(problem))
+    return refused, warnings
 
 
 def _basic_constraints(extensions: x509.Extensions) -> list[ProfileProblem]:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from stampd.certprofile import key_matches_certificate, profile_problems, signing_window
+from stampd.certprofile import key_matches_certificate, profile_problems, signing_window, tsu_refusals
 from stampd.cli.options import config_option
 from stampd.config import Config, KeyConfig, TsuConfig, load_config
 from stampd.der.csr import certification_request, certification_request_info
@@ -598,35 +598,6 @@ def csr(
 # --- install-cert ---
 
 
-def _refusals(certificate: x509.Certificate, at: datetime) -> tuple[list[str], list[str]]:
-    """(reasons to refuse, warnings): the fatal profile problems at ``at``, a CA certificate (CRT-04) and
-    keyUsage bits beyond signing (CRT-03) are refused; the other SHOULDs are warnings."""
-    refused: list[str] = []
-    warnings: list[str] = []
-    for problem in profile_problems(certificate, at):
-        (refused if problem.fatal or problem.requirement == "CRT-04" else warnings).append(str(problem))
-    try:
-        ku = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
-    except (x509.ExtensionNotFound, ValueError):
-        return refused, warnings
-    extra = [
-        name
-        for name, present in (
-            ("keyEncipherment", ku.key_encipherment),
-            ("dataEncipherment", ku.data_encipherment),
-            ("keyAgreement", ku.key_agreement),
-            ("keyCertSign", ku.key_cert_sign),
-            ("cRLSign", ku.crl_sign),
-        )
-        if present
-    ]
-    if extra:
-        reason = f"CRT-03: keyUsage also allows {', '.join(extra)}"
-        warnings = [w for w in warnings if w != reason]
-        refused.append(f"{reason}; a TSU key signs time-stamps only (CRT-02)")
-    return refused, warnings
-
-
 def _check_certificate(
     target: _Target, certificate: x509.Certificate, chain: list[x509.Certificate], at: datetime
 ) -> list[str]:
@@ -642,7 +613,7 @@ def _check_certificate(
         raise PKIError(
             f"{field}: refused: the certificate's public key is not the TSU key ({_key_location(target.key)})"
         )
-    refused, warnings = _refusals(certificate, at)
+    refused, warnings = tsu_refusals(certificate, at)
     if refused:
         raise PKIError(f"{field}: refused: the certificate does not fit the TSU profile: " + "; ".join(refused))
     (anchor, *_) = _read_certificates(tsu.trust_anchor, f"tsu.{tsu.name}.trust_anchor")

@@ -33,7 +33,7 @@ MIN_RSA_BITS = 2048
 
 _ENCRYPTED_PEM_LABEL = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
-_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+SIGNATURE_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256,
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
@@ -231,9 +231,9 @@ _SignFunction = Callable[[bytes], bytes]
 
 def _signature_hash(hash_name: str) -> hashes.HashAlgorithm:
     try:
-        return _HASHES[hash_name]()
+        return SIGNATURE_HASHES[hash_name]()
     except KeyError:
-        choices = ", ".join(_HASHES)
+        choices = ", ".join(SIGNATURE_HASHES)
         raise PKIError(f"unsupported signature hash {hash_name!r}; choose one of {choices}") from None
 
 
@@ -267,7 +267,7 @@ def _ecdsa_signer(key: ec.EllipticCurvePrivateKey, hash_name: str, rsa_pss: bool
         raise PKIError("rsa_pss is set but the key is an elliptic-curve key")
     algorithm = _signature_hash(hash_name)
     curve_hash = default_signature_hash(key)
-    if algorithm.digest_size < _HASHES[curve_hash]().digest_size:
+    if algorithm.digest_size < SIGNATURE_HASHES[curve_hash]().digest_size:
         raise PKIError(f"signature_hash {hash_name} is weaker than the {key.curve.name} key; use {curve_hash}")
     ecdsa = ec.ECDSA(algorithm)
     return ecdsa_identifier(hash_name), lambda data: key.sign(data, ecdsa)

@@ -38,7 +38,7 @@ from pkcs11.types import SignMixin
 from stampd.der.algorithms import ecdsa_identifier, ed25519_identifier, rsa_pkcs1_identifier, rsa_pss_identifier
 from stampd.der.encoding import oid as der_oid
 from stampd.errors import PKIError, SigningError
-from stampd.signers.keyfile import MIN_RSA_BITS, KeyType, PublicKey, default_signature_hash
+from stampd.signers.keyfile import MIN_RSA_BITS, SIGNATURE_HASHES, KeyType, PublicKey, default_signature_hash
 
 DEFAULT_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 """Debian's SoftHSM2 module: the default for development; production configurations name their HSM's module."""
@@ -48,12 +48,6 @@ POOL_WAIT_S = 30.0
 
 _SELF_TEST_DATA = b"stampd PKCS#11 key self-test"
 
-_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
-"""Hashes a signature over the signed attributes may use (RFC 5754 §3), as for FileSigner."""
 
 _RSA_MECHANISMS = {
     "sha256": (Mechanism.SHA256_RSA_PKCS, Mechanism.SHA256_RSA_PKCS_PSS, Mechanism.SHA256, MGF.SHA256),
@@ -334,9 +328,9 @@ class _Method:
 
 def _signature_hash(hash_name: str) -> hashes.HashAlgorithm:
     try:
-        return _HASHES[hash_name]()
+        return SIGNATURE_HASHES[hash_name]()
     except KeyError:
-        choices = ", ".join(_HASHES)
+        choices = ", ".join(SIGNATURE_HASHES)
         raise PKIError(f"unsupported signature hash {hash_name!r}; choose one of {choices}") from None
 
 
@@ -369,7 +363,7 @@ def _method(public_key: PublicKey, hash_name: str, rsa_pss: bool) -> _Method:
         raise PKIError("rsa_pss is set but the key is an elliptic-curve key")
     algorithm = _signature_hash(hash_name)
     curve_hash = default_signature_hash(public_key)
-    if algorithm.digest_size < _HASHES[curve_hash]().digest_size:
+    if algorithm.digest_size < SIGNATURE_HASHES[curve_hash]().digest_size:
         raise PKIError(f"signature_hash {hash_name} is weaker than the {public_key.curve.name} key; use {curve_hash}")
     return _Method(ecdsa_identifier(hash_name), Mechanism.ECDSA, prehash=hash_name, post=_raw_to_dss)
 
@@ -379,7 +373,7 @@ def _verify(public_key: PublicKey, hash_name: str, rsa_pss: bool, signature: byt
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         public_key.verify(signature, data)
     elif isinstance(public_key, rsa.RSAPublicKey):
-        algorithm = _HASHES[hash_name]()
+        algorithm = SIGNATURE_HASHES[hash_name]()
         pad: padding.AsymmetricPadding = (
             padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
             if rsa_pss
@@ -387,7 +381,7 @@ def _verify(public_key: PublicKey, hash_name: str, rsa_pss: bool, signature: byt
         )
         public_key.verify(signature, data, pad, algorithm)
     else:
-        public_key.verify(signature, data, ec.ECDSA(_HASHES[hash_name]()))
+        public_key.verify(signature, data, ec.ECDSA(SIGNATURE_HASHES[hash_name]()))
 
 
 # --- the signer ---
