@@ -38,10 +38,12 @@ from stampd.metrics import TSU_ACTIVE, TSU_DAYS_LEFT, exposition, observe_clock
 from stampd.model import MessageImprint
 from stampd.oids import SHA256
 from stampd.policy import IssuancePolicy
+from stampd.records.checkpoint import CheckpointSigner
 from stampd.records.store import RecordStore
 from stampd.serials import RandomSerialSource
 from stampd.server.asgi import TimeStampApp
 from stampd.signers.backends import KeySigner, open_signer
+from stampd.signers.keyfile import load_encrypted_key, read_passphrase_file
 from stampd.verify import verify_timestamp
 from stampd.verify.chain import validate_chain
 
@@ -172,6 +174,12 @@ class _Tsus:
     routes: dict[str, TimeStampingUnit | StoppedUnit]
     certificates_pem: dict[str, bytes]
     renew_before_ns: dict[str, int]
+    signers: list[KeySigner]
+
+    def close(self) -> None:
+        """Release the keys (HSM sessions); signing is synchronous on the loop, so none is in use now."""
+        for signer in self.signers:
+            signer.close()
 
     @property
     def units(self) -> list[TimeStampingUnit]:
@@ -194,73 +202,94 @@ def _stopped_key_fingerprints(store: RecordStore) -> dict[str, str]:
 
 
 def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: RandomSerialSource) -> _Tsus:
-    """Load and check every TSU of ``config`` (fail closed: any problem raises before anything is served)."""
-    now = datetime.now(UTC)
-    routes: dict[str, TimeStampingUnit | StoppedUnit] = {}
-    certificates_pem: dict[str, bytes] = {}
-    states = store.tsu_states()
-    stopped_keys = _stopped_key_fingerprints(store)
+    """Load and check every TSU of ``config`` (fail closed: any problem raises before anything is served, and
+    the keys opened so far are closed again)."""
+    loader = _TsuLoader(config, store, clock, serials)
+    try:
+        for tsu in config.tsus:
+            loader.add(tsu)
+    except BaseException:
+        for signer in loader.signers:
+            signer.close()
+        raise
+    routes, certificates_pem = loader.routes, loader.certificates_pem
+    if "/" not in routes:
+        routes["/"] = routes[config.tsus[0].path]
+        certificates_pem.setdefault("/", certificates_pem.get(config.tsus[0].path, b""))
+    for tsu in config.tsus:
+        log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
+    renew_before = {t.name: t.renew_before_us * 1000 for t in config.tsus}
+    return _Tsus(routes, certificates_pem, renew_before, loader.signers)
 
-    def activated(name: str, key: SigningKey) -> None:
+
+class _TsuLoader:
+    """Builds the units of one configuration; keeps every key it opened, so that all can be closed."""
+
+    def __init__(self, config: Config, store: RecordStore, clock: GatedClock, serials: RandomSerialSource) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.serials = serials
+        self.now = datetime.now(UTC)
+        self.states = store.tsu_states()
+        self.stopped_keys = _stopped_key_fingerprints(store)
+        self.routes: dict[str, TimeStampingUnit | StoppedUnit] = {}
+        self.certificates_pem: dict[str, bytes] = {}
+        self.signers: list[KeySigner] = []
+
+    def activated(self, name: str, key: SigningKey) -> None:
         serial = f"{key.certificate_serial:x}"
         log.warning("TSU %s: the next key (certificate serial %s) is now the active key", name, serial)
-        if not store.has_event("key.activated", name, certificate_serial=serial):
-            store.record_event("key.activated", {"certificate_serial": serial}, tsu=name)
+        if not self.store.has_event("key.activated", name, certificate_serial=serial):
+            self.store.record_event("key.activated", {"certificate_serial": serial}, tsu=name)
 
-    for tsu in config.tsus:
-        if tsu.name in states:
-            routes[tsu.path] = StoppedUnit(tsu.name, states[tsu.name].state)
-            log.error("TSU %s is %s: it issues no more tokens", tsu.name, states[tsu.name].state)
-            continue
+    def load(self, tsu: TsuConfig, *, successor: bool = False) -> LoadedTsu:
+        item = load_tsu(tsu, self.now, successor=successor)
+        self.signers.append(item.signer)
+        reused = self.stopped_keys.get(key_fingerprint(item.certificate))
+        if reused is not None:
+            raise PKIError(f"tsu.{tsu.name}: its key belongs to a TSU that is {reused}; it may never sign again")
+        return item
+
+    def add(self, tsu: TsuConfig) -> None:
+        if tsu.name in self.states:
+            self.routes[tsu.path] = StoppedUnit(tsu.name, self.states[tsu.name].state)
+            log.error("TSU %s is %s: it issues no more tokens", tsu.name, self.states[tsu.name].state)
+            return
+        accuracy_us = self.config.clock.accuracy_us
         successor = None
         activate_ns = _ns(tsu.next.activate_at) if tsu.next is not None else None
         if activate_ns is not None and activate_ns <= time.time_ns():
             # The next key has taken over: it alone signs; the retired key is not loaded at all.
-            item = load_tsu(tsu, now, successor=True)
-            key = _signing_key(item, config.clock.accuracy_us, time.time_ns())
-            activated(tsu.name, key)
+            item = self.load(tsu, successor=True)
+            key = _signing_key(item, accuracy_us, time.time_ns())
+            self.activated(tsu.name, key)
         else:
-            item = load_tsu(tsu, now)
-            key = _signing_key(item, config.clock.accuracy_us, time.time_ns())
+            item = self.load(tsu)
+            key = _signing_key(item, accuracy_us, time.time_ns())
             if activate_ns is not None:
                 if key.not_after_ns < activate_ns:
                     raise PKIError(f"tsu.{tsu.name}.next.activate_at: the current key stops signing before it (a gap)")
-                next_item = load_tsu(tsu, now, successor=True)
-                successor = (activate_ns, _signing_key(next_item, config.clock.accuracy_us, activate_ns))
+                successor = (activate_ns, _signing_key(self.load(tsu, successor=True), accuracy_us, activate_ns))
         unit = TimeStampingUnit(
             name=tsu.name,
             policy=IssuancePolicy(tsu.default_policy, tsu.accepted_policies, tsu.hash_algorithms),
             key=key,
             gen_time=GenTimeFormatter(tsu.gen_time_digits),
-            clock=clock,
-            serials=serials,
-            records=store,
+            clock=self.clock,
+            serials=self.serials,
+            records=self.store,
             successor=successor,
-            on_activate=activated,
+            on_activate=self.activated,
         )
-        reused = stopped_keys.get(key_fingerprint(item.certificate)) or (
-            stopped_keys.get(key_fingerprint(next_item.certificate)) if successor is not None else None
-        )
-        if reused is not None:
-            raise PKIError(f"tsu.{tsu.name}: its key belongs to a TSU that is {reused}; it may never sign again")
-        routes[tsu.path] = unit
-        if tsu.name == "default" and tsu.path != "/default":
-            routes.setdefault("/default", unit)
-            certificates_pem_alias = "/default"
-        else:
-            certificates_pem_alias = None
         chain = [item.certificate, *item.chain]
         if item.anchor not in chain:
             chain.append(item.anchor)
-        certificates_pem[tsu.path] = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
-        if certificates_pem_alias is not None:
-            certificates_pem.setdefault(certificates_pem_alias, certificates_pem[tsu.path])
-    if "/" not in routes:
-        routes["/"] = routes[config.tsus[0].path]
-        certificates_pem.setdefault("/", certificates_pem[config.tsus[0].path])
-    for tsu in config.tsus:
-        log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
-    return _Tsus(routes, certificates_pem, {t.name: t.renew_before_us * 1000 for t in config.tsus})
+        pem = b"".join(c.public_bytes(Encoding.PEM) for c in chain)
+        paths = [tsu.path, *(["/default"] if tsu.name == "default" else [])]
+        for path in paths:
+            self.routes.setdefault(path, unit)
+            self.certificates_pem.setdefault(path, pem)
 
 
 def create_app(config: Config) -> TimeStampApp:
@@ -274,7 +303,7 @@ def create_app(config: Config) -> TimeStampApp:
     clock = GatedClock(gate)
     serials = RandomSerialSource()
     tsus = _build_tsus(config, store, clock, serials)
-    service = _Service(store, gate, monitor, tsus)
+    service = _Service(store, gate, monitor, tsus, _checkpoints(config))
     app = TimeStampApp(
         tsus.routes,
         tsus.certificates_pem,
@@ -294,14 +323,24 @@ def create_app(config: Config) -> TimeStampApp:
             log.error("reload refused, keeping the running configuration: %s", e)
             store.record_event("config.reload_failed", {"error": str(e)})
             return
-        service.tsus = fresh
+        retired, service.tsus = service.tsus, fresh
         service.apply_tsu_states()
         app.replace_routes(fresh.routes, fresh.certificates_pem)
+        retired.close()
         store.record_event("config.reloaded", {"tsus": [u.name for u in fresh.units]})
         log.warning("configuration reloaded: TSUs %s", ", ".join(u.name for u in fresh.units))
 
     service.reload = reload
     return app
+
+
+def _checkpoints(config: Config) -> tuple[CheckpointSigner, float] | None:
+    """The key that signs the records' chain heads, and how often (none without records.checkpoint_key)."""
+    records = config.records
+    if records.checkpoint_key is None or records.checkpoint_passphrase_file is None:
+        return None
+    key = load_encrypted_key(records.checkpoint_key, read_passphrase_file(records.checkpoint_passphrase_file))
+    return CheckpointSigner(key), records.checkpoint_interval_us / 1e6
 
 
 def _readiness(gate: ClockGate, tsus: _Tsus) -> tuple[bool, str]:
@@ -389,8 +428,16 @@ def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMoni
 class _Service:
     """Start and stop: the monitor's task, and the events that say when the service ran and in what clock state."""
 
-    def __init__(self, store: RecordStore, gate: ClockGate, monitor: ClockMonitor | None, tsus: _Tsus) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        gate: ClockGate,
+        monitor: ClockMonitor | None,
+        tsus: _Tsus,
+        checkpoints: tuple[CheckpointSigner, float] | None = None,
+    ) -> None:
         self._store = store
+        self._checkpoints = checkpoints
         self._gate = gate
         self._monitor = monitor
         self.tsus = tsus
@@ -445,11 +492,23 @@ class _Service:
                 log.exception("cannot read or record the TSU states")
             await asyncio.sleep(TSU_STATE_POLL_S)
 
+    async def _write_checkpoints(self, signer: CheckpointSigner, interval_s: float) -> None:
+        """Sign this process's chain heads every interval (and once more at stop)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._store.write_checkpoint(signer)
+            except Exception:  # a transient database error must not end the checkpoints
+                log.exception("cannot record a checkpoint of the records' chains")
+
     async def start(self) -> None:
         self.apply_tsu_states()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks.append(asyncio.create_task(self._watch_tsu_states(), name="stampd-tsu-states"))
+        if self._checkpoints is not None:
+            task = asyncio.create_task(self._write_checkpoints(*self._checkpoints), name="stampd-checkpoints")
+            self._tasks.append(task)
         if self._monitor is None:
             log.warning("clock: NOT MONITORED: no clock.ntp_servers, tokens carry the host's time unchecked (demo)")
         else:
@@ -468,8 +527,11 @@ class _Service:
                 await task
         try:
             self._store.record_event("service.stopped", {"pid": os.getpid(), "clock": self._gate.status.as_detail()})
+            if self._checkpoints is not None:
+                self._store.write_checkpoint(self._checkpoints[0])
         finally:
             self._store.close()
+            self.tsus.close()
 
 
 def create_app_from_environment() -> TimeStampApp:
