@@ -48,6 +48,10 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class RecordsConfig:
     url: str
+    checkpoint_key: Path | None = None
+    """An encrypted PKCS#8 key (Ed25519 recommended) that signs the chain heads (stampd.records.checkpoint)."""
+    checkpoint_passphrase_file: Path | None = None
+    checkpoint_interval_us: int = 300_000_000
 
 
 DEFAULT_LEAP_SECONDS_FILE = Path("/usr/share/zoneinfo/leap-seconds.list")
@@ -274,8 +278,13 @@ def _records(t: _Table) -> RecordsConfig:
         url = f"sqlite:///{(t.source.parent / relative).resolve()}"
     elif not url.startswith(("sqlite:", "postgresql")):
         raise t.error("url", f"expected sqlite:///PATH or postgresql://..., not {url!r}")
+    checkpoint_key = t.path("checkpoint_key")
+    passphrase_file = t.path("checkpoint_passphrase_file")
+    interval = t.duration_us("checkpoint_interval", "5m")
+    if (checkpoint_key is None) != (passphrase_file is None):
+        raise t.error("checkpoint_key", "set both checkpoint_key and checkpoint_passphrase_file, or neither")
     t.finish()
-    return RecordsConfig(url)
+    return RecordsConfig(url, checkpoint_key, passphrase_file, interval)
 
 
 def _clock(t: _Table) -> ClockConfig:

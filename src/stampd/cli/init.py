@@ -11,12 +11,22 @@ from pathlib import Path
 
 import click
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from stampd.config import load_config
 from stampd.errors import ConfigError
 from stampd.pki.demo import DemoPki, TsuFiles, add_demo_tsu, create_demo_pki
 from stampd.records.migrate import upgrade
-from stampd.signers.keyfile import DEFAULT_KEY_TYPE, KeyType, default_signature_hash, write_new_file
+from stampd.signers.keyfile import (
+    DEFAULT_KEY_TYPE,
+    KeyType,
+    default_signature_hash,
+    generate_private_key,
+    new_passphrase,
+    write_encrypted_key,
+    write_new_file,
+    write_passphrase_file,
+)
 
 CONFIG_NAME = "stampd.toml"
 DEFAULT_LISTEN = "127.0.0.1:3180"
@@ -48,6 +58,12 @@ workers = 1                      # processes; serial numbers stay unique across 
 
 [records]
 url = "sqlite:///records.sqlite3"   # every token is recorded here before it is returned
+# Tokens and events are hash-chained; every checkpoint_interval (and at stop) the chain heads are signed with
+# this key (encrypted PKCS#8, Ed25519). `stampd audit verify` checks both; relying on the public key
+# pki/checkpoint-public.pem alone: `stampd audit verify --public-key pki/checkpoint-public.pem`
+checkpoint_key = "pki/checkpoint-key.pem"
+checkpoint_passphrase_file = "secrets/checkpoint.pass"
+checkpoint_interval = "5m"
 
 [clock]
 accuracy = "1s"                  # declared in every token (TSTInfo.accuracy)
@@ -151,6 +167,17 @@ def render_config(
         "default", "/", "pki/tsu.pem", "pki/tsu-key.pem", "secrets/tsu.pass", policy, signature_hash, rsa_pss
     )
     return _CONFIG_TEMPLATE.format(listen=listen) + "".join(render_tsu(t) for t in (tsus or [default]))
+
+
+def _create_checkpoint_key(pki_dir: Path, secrets_dir: Path, *, overwrite: bool) -> None:
+    """The Ed25519 key that signs the records' chain heads (records.checkpoint_key), encrypted, 0600; and its
+    public key for auditors."""
+    key = generate_private_key(KeyType.ED25519)
+    passphrase = new_passphrase()
+    write_passphrase_file(secrets_dir / "checkpoint.pass", passphrase, overwrite=overwrite)
+    write_encrypted_key(pki_dir / "checkpoint-key.pem", key, passphrase, overwrite=overwrite)
+    public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    write_new_file(pki_dir / "checkpoint-public.pem", public, overwrite=overwrite)
 
 
 def _validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -264,6 +291,7 @@ def command(
         now=datetime.now(UTC),
         replace=force,
     )
+    _create_checkpoint_key(pki.root_certificate.parent, pki.ca_passphrase_file.parent, overwrite=force)
     tsu_certificate = x509.load_pem_x509_certificate(pki.tsu_certificate.read_bytes())
     signature_hash = default_signature_hash(tsu_certificate.public_key())
     policy = new_policy_oid()

@@ -32,6 +32,7 @@ def main() -> None:
     sys.exit(status if isinstance(status, int) else 0)
 
 
+from stampd.cli import audit as _audit  # noqa: E402
 from stampd.cli import db as _db  # noqa: E402
 from stampd.cli import init as _init  # noqa: E402
 from stampd.cli import lifecycle as _lifecycle  # noqa: E402
@@ -51,6 +52,7 @@ for _command in (
     _lifecycle.terminate,
     _lifecycle.reload,
     _db.command,
+    _audit.command,
 ):
     cli.add_command(_command)
 _tsu.command.add_command(_lifecycle.compromise)

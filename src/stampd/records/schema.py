@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
+
+
+def _chain_columns() -> list[Column[Any]]:
+    """The hash chain of a records table (stampd.records.chain); NULL in the rows recorded before revision 0002."""
+    return [
+        Column("chain", String(64), comment="the chain id: one per process that opened the records"),
+        Column("seq", BigInteger, comment="1, 2, 3... within the chain"),
+        Column("prev_hash", LargeBinary, comment="entry_hash of seq - 1; 32 zero bytes for seq 1"),
+        Column("entry_hash", LargeBinary, comment="SHA-256(prev_hash || the row's canonical fields)"),
+    ]
+
 
 tokens = Table(
     "tokens",
@@ -19,8 +32,10 @@ tokens = Table(
     Column("nonce", Text, comment="decimal"),
     Column("requester", String(64)),
     Column("token", LargeBinary, nullable=False, comment="the DER TimeStampResp as returned"),
+    *_chain_columns(),
     Index("ix_tokens_imprint", "imprint"),
     Index("ix_tokens_gen_time_us", "gen_time_us"),
+    Index("uq_tokens_chain_seq", "chain", "seq", unique=True),
 )
 
 tsu_states = Table(
@@ -41,4 +56,16 @@ events = Table(
     Column("kind", String(64), nullable=False),
     Column("tsu", String(64)),
     Column("detail", Text, nullable=False, comment="JSON"),
+    *_chain_columns(),
+    Index("uq_events_chain_seq", "chain", "seq", unique=True),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger, nullable=False),
+    Column("heads", Text, nullable=False, comment="JSON: table -> chain -> [seq, entry_hash hex], as signed"),
+    Column("signature", LargeBinary, nullable=False),
+    Column("signer", String(64), nullable=False, comment="hex SHA-256 of the signer's SubjectPublicKeyInfo"),
 )

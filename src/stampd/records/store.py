@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +18,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
 from stampd.model import TokenRecord
+from stampd.records.chain import ChainHead, event_entry_hash, new_chain_id, token_entry_hash
+from stampd.records.checkpoint import Checkpoint, CheckpointSigner, Heads, heads_json, signed_bytes
 from stampd.records.engine import open_engine, records_url, sqlite_file
 from stampd.records.migrate import current_revision, head_revision
-from stampd.records.schema import events, tokens, tsu_states
+from stampd.records.schema import checkpoints, events, tokens, tsu_states
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,12 @@ class TsuState:
 
 
 class RecordStore:
-    """Tokens and events in one SQL database: SQLite (the embedded default) or PostgreSQL (psycopg 3)."""
+    """Tokens and events in one SQL database: SQLite (the embedded default) or PostgreSQL (psycopg 3).
+
+    Each instance appends to hash chains of its own (one of tokens, one of events, under one chain id made at
+    open, see :mod:`stampd.records.chain`): a chain's head advances only when a row has committed, so the chains
+    need no coordination between processes or nodes.
+    """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         """Open the records at ``url``; with ``create`` false (the read-only commands) a missing SQLite database
@@ -93,6 +101,11 @@ class RecordStore:
         self._insert_order = tuple(statement.positiontup or ()) if statement.positional else None
         self._connection: Any = None
         self._pending: list[_Pending] = []
+        self.chain_id = new_chain_id()
+        self._token_head = ChainHead(self.chain_id)
+        self._event_head = ChainHead(self.chain_id)
+        self._event_lock = threading.Lock()  # events may come from any thread; tokens only from the loop
+        self._checkpointed: Heads | None = None
 
     @property
     def _shown_url(self) -> str:
@@ -135,9 +148,7 @@ class RecordStore:
         for start in range(0, len(batch), MAX_BATCH):
             chunk = batch[start : start + MAX_BATCH]
             rows = [row for row, _ in chunk]
-            order = self._insert_order
-            params = [tuple(row[k] for k in order) for row in rows] if order is not None else rows
-            for (_, future), error in zip(chunk, self._commit(params), strict=True):
+            for (_, future), error in zip(chunk, self._commit(rows), strict=True):
                 if future.done():
                     continue
                 if error is None:
@@ -145,31 +156,74 @@ class RecordStore:
                 else:
                     future.set_exception(error)
 
-    def _commit(self, params: list[Any]) -> list[RecordingError | None]:
+    def _chained(self, rows: list[dict[str, Any]]) -> tuple[list[Any], int, bytes]:
+        """The insert parameters of ``rows`` as the next entries of the token chain, in order; with the seq and
+        entry hash the head moves to once they have committed."""
+        head = self._token_head
+        chain, seq, prev = head.chain, head.seq, head.entry_hash
+        for row in rows:
+            seq += 1
+            entry = token_entry_hash(prev, chain, seq, row)
+            row["chain"] = chain
+            row["seq"] = seq
+            row["prev_hash"] = prev
+            row["entry_hash"] = entry
+            prev = entry
+        order = self._insert_order
+        params = [tuple(row[k] for k in order) for row in rows] if order is not None else rows
+        return params, seq, prev
+
+    def _commit(self, rows: list[dict[str, Any]]) -> list[RecordingError | None]:
         """Insert a batch in one transaction; if that fails, row by row, so that one bad row (a duplicate
-        serial) fails only its own request."""
+        serial) fails only its own request. Each attempt chains its rows from the head as it is then, and the
+        head advances only on success: a failed row leaves no gap."""
         try:
-            self._check_sqlite_file()
-            if self._connection is None:
-                self._connection = self._engine.raw_connection()
-            cursor = self._connection.cursor()
-            try:
-                cursor.executemany(self._insert_sql, params)
-                self._connection.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self._connection.rollback()
-                raise
-            finally:
-                with contextlib.suppress(Exception):
-                    cursor.close()
-            return [None] * len(params)
+            params, seq, entry = self._chained(rows)
+            self._insert(params)
+            self._token_head.advance(seq, entry)
+            return [None] * len(rows)
         except Exception as e:  # any failure must answer the waiting requests, never strand them
             self._discard_connection()  # a lost connection (database restart, failover) is replaced next time
-            if len(params) == 1:
+            self._resync_head(tokens, self._token_head)
+            if len(rows) == 1:
                 log.error("records: a token could not be committed: %s", e)
                 return [RecordingError("the records store failed")]
-        return [self._commit([p])[0] for p in params]
+        return [self._commit([row])[0] for row in rows]
+
+    def _resync_head(self, table: Any, head: ChainHead) -> None:
+        """After a failure, take the head from the database: a commit whose outcome was lost (the connection
+        broke after COMMIT) must not leave the chain stuck on a seq that is already taken."""
+        query = (
+            select(table.c.seq, table.c.entry_hash)
+            .where(table.c.chain == head.chain)
+            .order_by(table.c.seq.desc())
+            .limit(1)
+        )
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(query).first()
+        except Exception:  # the database is still away: the next attempt fails too, and resyncs again
+            return
+        if row is not None and row.seq > head.seq:
+            log.warning("records: the %s chain head moved to seq %d after a lost commit", table.name, row.seq)
+            head.advance(int(row.seq), bytes(row.entry_hash))
+
+    def _insert(self, params: list[Any]) -> None:
+        """One transaction of token inserts on the raw DB-API connection."""
+        self._check_sqlite_file()
+        if self._connection is None:
+            self._connection = self._engine.raw_connection()
+        cursor = self._connection.cursor()
+        try:
+            cursor.executemany(self._insert_sql, params)
+            self._connection.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._connection.rollback()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                cursor.close()
 
     def _discard_connection(self) -> None:
         if self._connection is not None:
@@ -192,16 +246,27 @@ class RecordStore:
 
     # --- events and reads ---
 
+    def _chain_event(self, row: dict[str, Any]) -> tuple[int, bytes]:
+        """Give ``row`` the next place in the event chain (the caller holds the event lock); the head moves
+        there once the row has committed."""
+        head = self._event_head
+        seq = head.seq + 1
+        entry = event_entry_hash(head.entry_hash, head.chain, seq, row)
+        row.update(chain=head.chain, seq=seq, prev_hash=head.entry_hash, entry_hash=entry)
+        return seq, entry
+
     def record_event(self, kind: str, detail: dict[str, Any], tsu: str | None = None) -> None:
         """Append one event, committed before this returns."""
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(
-                    insert(events),
-                    [{"at_us": time.time_ns() // 1000, "kind": kind, "tsu": tsu, "detail": json.dumps(detail)}],
-                )
-        except SQLAlchemyError as e:
-            raise RecordingError(f"cannot record the {kind} event: {e}") from e
+        row = {"at_us": time.time_ns() // 1000, "kind": kind, "tsu": tsu, "detail": json.dumps(detail)}
+        with self._event_lock:
+            try:
+                with self._engine.begin() as conn:
+                    seq, entry = self._chain_event(row)
+                    conn.execute(insert(events), [row])
+            except SQLAlchemyError as e:
+                self._resync_head(events, self._event_head)
+                raise RecordingError(f"cannot record the {kind} event: {e}") from e
+            self._event_head.advance(seq, entry)
 
     def has_event(self, kind: str, tsu: str | None, **detail: Any) -> bool:
         """Whether an event of ``kind`` for ``tsu`` whose detail holds these values was recorded."""
@@ -221,6 +286,11 @@ class RecordStore:
             raise ValueError(f"unknown TSU state {state!r}")
         stopped = TsuState(tsu, state, since_us, time.time_ns() // 1000, reason)
         row = {"tsu": tsu, "state": state, "since_us": since_us, "at_us": stopped.at_us, "reason": reason}
+        with self._event_lock:
+            return self._stop_tsu(stopped, row, detail)
+
+    def _stop_tsu(self, stopped: TsuState, row: dict[str, Any], detail: dict[str, Any]) -> TsuState:
+        tsu, state = stopped.tsu, stopped.state
         try:
             with self._engine.begin() as conn:
                 if self.dialect == "postgresql":
@@ -231,10 +301,41 @@ class RecordStore:
                 conn.execute(delete(tsu_states).where(tsu_states.c.tsu == tsu))
                 conn.execute(insert(tsu_states), [row])
                 event = {"at_us": stopped.at_us, "kind": f"tsu.{state}", "tsu": tsu, "detail": json.dumps(detail)}
+                seq, entry = self._chain_event(event)
                 conn.execute(insert(events), [event])
         except SQLAlchemyError as e:
+            self._resync_head(events, self._event_head)
             raise RecordingError(f"cannot record that TSU {tsu} is {state}: {e}") from e
+        self._event_head.advance(seq, entry)
         return stopped
+
+    # --- checkpoints ---
+
+    def heads(self) -> Heads:
+        """The committed heads of this store's chains: table -> chain id -> [seq, entry_hash hex]."""
+        with self._event_lock:
+            events_head = self._event_head.as_json()
+        return {"events": {self.chain_id: events_head}, "tokens": {self.chain_id: self._token_head.as_json()}}
+
+    def write_checkpoint(self, signer: CheckpointSigner) -> Checkpoint | None:
+        """Sign the heads of this store's chains and store the checkpoint; None when nothing was recorded since
+        the last one. Runs on the event loop (as the token commits do), after committing what is pending."""
+        if self._pending:
+            self._flush()
+        heads = self.heads()
+        if heads == self._checkpointed:
+            return None
+        at_us = time.time_ns() // 1000
+        signature = signer.sign(signed_bytes(at_us, heads))
+        text = heads_json(heads)
+        row = {"at_us": at_us, "heads": text, "signature": signature, "signer": signer.key_id}
+        try:
+            with self._engine.begin() as conn:
+                key = conn.execute(insert(checkpoints).returning(checkpoints.c.id), [row]).scalar_one()
+        except SQLAlchemyError as e:
+            raise RecordingError(f"cannot record a checkpoint: {e}") from e
+        self._checkpointed = heads
+        return Checkpoint(int(key), at_us, text, signature, signer.key_id)
 
     def tsu_states(self) -> dict[str, TsuState]:
         """Every TSU that is not active, by name."""

@@ -73,7 +73,12 @@ def test_config_has_the_schema(tsa: tuple[Path, Result]) -> None:
         "request_timeout": "10s",
         "workers": 1,
     }
-    assert config["records"] == {"url": "sqlite:///records.sqlite3"}
+    assert config["records"] == {
+        "url": "sqlite:///records.sqlite3",
+        "checkpoint_key": "pki/checkpoint-key.pem",
+        "checkpoint_passphrase_file": "secrets/checkpoint.pass",
+        "checkpoint_interval": "5m",
+    }
     assert config["clock"] == {"accuracy": "1s"}
     tsu = config["tsu"]["default"]
     assert tsu["path"] == "/"

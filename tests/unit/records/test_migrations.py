@@ -45,7 +45,7 @@ def url(tmp_path: Path) -> str:
 def test_upgrade_creates_the_schema_of_the_code_private(url: str, tmp_path: Path) -> None:
     assert current_revision(url) is None
     assert not (tmp_path / "records.sqlite3").exists()  # asking the revision creates nothing
-    assert upgrade(url) == head_revision() == "0001"
+    assert upgrade(url) == head_revision() == "0002"
     assert current_revision(url) == head_revision()
     assert (tmp_path / "records.sqlite3").stat().st_mode & 0o777 == 0o600
     engine = create_engine(url)
@@ -79,7 +79,7 @@ def test_the_server_refuses_an_empty_database(url: str) -> None:
     finally:
         store.close()
     assert str(refused.value) == (
-        "the records schema is at empty (no records schema), this stampd needs 0001: "
+        "the records schema is at empty (no records schema), this stampd needs 0002: "
         "run `stampd db upgrade -c /etc/stampd/stampd.toml`"
     )
 
@@ -93,7 +93,7 @@ def test_the_server_refuses_an_unknown_revision(url: str, tmp_path: Path) -> Non
     assert current_revision(url) == "0099"
     store = RecordStore(url)
     try:
-        with pytest.raises(RecordingError, match=r"the records schema is at 0099, this stampd needs 0001: run `stampd"):
+        with pytest.raises(RecordingError, match=r"the records schema is at 0099, this stampd needs 0002: run `stampd"):
             store.check_schema()
     finally:
         store.close()
@@ -120,10 +120,10 @@ def test_db_upgrade_and_current_commands_are_idempotent(tmp_path: Path) -> None:
     url = load_config(config).records.url
     assert current_revision(url) == head_revision()  # `stampd init` leaves a database ready to serve
     current = runner.invoke(cli, ["db", "current", "-c", config])
-    assert (current.exit_code, current.output) == (0, "0001 (head)\n")
+    assert (current.exit_code, current.output) == (0, "0002 (head)\n")
     for _ in range(2):
         again = runner.invoke(cli, ["db", "upgrade", "-c", config])
-        assert (again.exit_code, again.output) == (0, "the records schema is already at 0001\n")
+        assert (again.exit_code, again.output) == (0, "the records schema is already at 0002\n")
     assert current_revision(url) == head_revision()
 
 
@@ -136,8 +136,8 @@ def test_db_commands_on_a_new_database(tmp_path: Path) -> None:
     config = str(directory / "stampd.toml")
     current = runner.invoke(cli, ["db", "current", "-c", config])
     assert current.exit_code == 1
-    assert current.output == f"empty (this stampd needs 0001: run `stampd db upgrade -c {config}`)\n"
+    assert current.output == f"empty (this stampd needs 0002: run `stampd db upgrade -c {config}`)\n"
     assert not (directory / "records.sqlite3").exists()
     upgraded = runner.invoke(cli, ["db", "upgrade", "-c", config])
-    assert (upgraded.exit_code, upgraded.output) == (0, "the records schema is now at 0001 (was empty)\n")
+    assert (upgraded.exit_code, upgraded.output) == (0, "the records schema is now at 0002 (was empty)\n")
     assert (directory / "records.sqlite3").stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,297 @@
+"""The audit of the records' hash chains and checkpoints (`stampd audit verify`): reads only.
+
+Steps:
+1. Every checkpoint's signature is checked with the checkpoint key's public key; the (seq, entry hash) it
+   signed for each chain is kept.
+2. Every chain of tokens and of events is walked in seq order: seq 1, 2, 3... without gaps or duplicates, each
+   entry's prev_hash is the entry hash before it, and each entry hash recomputes from the row's fields.
+3. Each chain still reaches every checkpointed (seq, hash): a tail rewritten or cut short after a checkpoint is
+   caught there.
+A chain stops at its first bad entry, which the report names (table, chain, seq, serial or event kind, what is
+wrong). Rows recorded before the chains existed (revision 0002) are counted as unchained: they cannot be checked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from stampd.errors import RecordingError
+from stampd.records.chain import GENESIS, event_entry_hash, token_entry_hash
+from stampd.records.checkpoint import PublicKey, signature_valid, signed_bytes, spki_sha256
+from stampd.records.engine import open_engine, records_url
+from stampd.records.migrate import current_revision, head_revision
+from stampd.records.schema import checkpoints, events, tokens
+
+STREAM_ROWS = 2000
+"""Rows fetched at a time while walking a chain: the audit's memory does not grow with the records."""
+
+_HASHERS: dict[str, Callable[[bytes, str, int, Mapping[str, Any]], bytes]] = {
+    "tokens": token_entry_hash,
+    "events": event_entry_hash,
+}
+
+
+@dataclass(slots=True)
+class ChainReport:
+    """One chain of one table as the audit found it."""
+
+    table: str
+    chain: str
+    count: int = 0
+    head_seq: int = 0
+    head_hash: str = GENESIS.hex()
+    checkpointed_seq: int = 0
+    """The highest seq a valid checkpoint covers: entries after it are chained but not signed yet."""
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "chain": self.chain,
+            "count": self.count,
+            "head": [self.head_seq, self.head_hash],
+            "checkpointed_seq": self.checkpointed_seq,
+            "problem": self.problem,
+        }
+
+
+@dataclass(slots=True)
+class AuditReport:
+    chains: list[ChainReport] = field(default_factory=list)
+    unchained: dict[str, int] = field(default_factory=dict)
+    checkpoints: int = 0
+    """Checkpoints whose signature verified."""
+    problems: list[str] = field(default_factory=list)
+    """Every problem, the chains' first bad entries included."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "chains": [c.as_dict() for c in self.chains],
+            "unchained": self.unchained,
+            "checkpoints": self.checkpoints,
+            "problems": self.problems,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    seq: int
+    entry_hash: str
+    checkpoint: int
+    at_us: int
+
+    def named(self) -> str:
+        at = datetime.fromtimestamp(self.at_us / 1e6, UTC).isoformat(timespec="seconds")
+        return f"checkpoint {self.checkpoint} ({at})"
+
+
+def audit_records(url: str, public_key: PublicKey | None) -> AuditReport:
+    """Walk every chain of the records at ``url`` and check every checkpoint with ``public_key``."""
+    revision = current_revision(url)
+    if revision != head_revision():
+        raise RecordingError(
+            f"the records schema is at {revision or 'empty'}, the audit needs {head_revision()}: "
+            "run `stampd db upgrade`"
+        )
+    try:
+        engine = open_engine(url, create=False, pooled=False)
+    except (SQLAlchemyError, ImportError, OSError) as e:
+        shown = records_url(url).render_as_string(hide_password=True)
+        raise RecordingError(f"cannot open the records at {shown}: {e}") from e
+    try:
+        report = AuditReport()
+        signed = _checkpoints(engine, public_key, report)
+        for table in (tokens, events):
+            _walk_table(engine, table, signed, report)
+        return report
+    except SQLAlchemyError as e:
+        raise RecordingError(f"cannot read the records: {e}") from e
+    finally:
+        engine.dispose()
+
+
+def _checkpoints(
+    engine: Engine, public_key: PublicKey | None, report: AuditReport
+) -> dict[tuple[str, str], list[_Signed]]:
+    """Step 1: the (seq, hash) each valid checkpoint signed, by (table, chain)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(checkpoints).order_by(checkpoints.c.id)).all()
+    signed: dict[tuple[str, str], list[_Signed]] = {}
+    if rows and public_key is None:
+        report.problems.append(
+            f"{len(rows)} checkpoints cannot be checked without the checkpoint key's public key "
+            "(records.checkpoint_key or --public-key)"
+        )
+        return signed
+    key_id = spki_sha256(public_key) if public_key is not None else ""
+    for row in rows:
+        name = f"checkpoint {row.id}"
+        if row.signer != key_id:
+            report.problems.append(f"{name}: signed by another key (SPKI SHA-256 {row.signer})")
+            continue
+        try:
+            heads = json.loads(row.heads)
+            data = signed_bytes(int(row.at_us), heads)
+        except (ValueError, TypeError):
+            report.problems.append(f"{name}: its chain heads are not readable")
+            continue
+        if not signature_valid(public_key, data, bytes(row.signature)):  # type: ignore[arg-type]
+            report.problems.append(f"{name}: the signature does not verify (edited or forged)")
+            continue
+        report.checkpoints += 1
+        for table, chains in heads.items():
+            for chain, (seq, entry_hash) in chains.items():
+                if seq > 0:
+                    signed.setdefault((table, chain), []).append(_Signed(seq, entry_hash, row.id, row.at_us))
+    return signed
+
+
+def _identify(table: str, row: Any) -> str:
+    return f"serial 0x{row.serial}" if table == "tokens" else f"event {row.kind}"
+
+
+def _fields(row: Any) -> dict[str, Any]:
+    """The row as the hash functions read it: binary columns as bytes (some drivers give memoryviews)."""
+    values = dict(row._mapping)
+    return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in values.items()}
+
+
+def _walk_table(
+    engine: Engine, table: Table, signed: dict[tuple[str, str], list[_Signed]], report: AuditReport
+) -> None:
+    """Steps 2 and 3 for every chain of ``table``."""
+    name = table.name
+    with engine.connect() as conn:
+        report.unchained[name] = int(
+            conn.execute(select(func.count()).select_from(table).where(table.c.chain.is_(None))).scalar_one()
+        )
+        query = select(table).where(table.c.chain.is_not(None)).order_by(table.c.chain, table.c.seq)
+        result = conn.execution_options(stream_results=True, yield_per=STREAM_ROWS).execute(query)
+        current: ChainReport | None = None
+        walker: _ChainWalk | None = None
+        for row in result:
+            if current is None or row.chain != current.chain:
+                if walker is not None:
+                    walker.finish()
+                current = ChainReport(name, row.chain)
+                report.chains.append(current)
+                walker = _ChainWalk(engine, table, current, signed.get((name, row.chain), []))
+            assert walker is not None
+            walker.step(row)
+        if walker is not None:
+            walker.finish()
+    seen = {c.chain for c in report.chains if c.table == name}
+    for (signed_table, chain), marks in sorted(signed.items()):
+        if signed_table == name and chain not in seen:
+            mark = max(marks, key=lambda m: m.seq)
+            missing = ChainReport(name, chain)
+            missing.problem = f"{name} chain {chain}: {mark.named()} has seq {mark.seq}, but the chain has no entries"
+            report.chains.append(missing)
+    report.problems.extend(c.problem for c in report.chains if c.table == name and c.problem)
+
+
+class _ChainWalk:
+    """One chain, entry by entry, until its first bad entry."""
+
+    def __init__(self, engine: Engine, table: Table, report: ChainReport, marks: Iterable[_Signed]) -> None:
+        self._engine = engine
+        self._table = table
+        self._report = report
+        self._hash = _HASHERS[table.name]
+        self._marks = {m.seq: m for m in sorted(marks, key=lambda m: m.checkpoint)}
+        self._prev = GENESIS
+
+    def _fail(self, seq: int, row: Any, what: str) -> None:
+        r = self._report
+        ident = f" ({_identify(r.table, row)})" if row is not None else ""
+        r.problem = f"{r.table} chain {r.chain} seq {seq}{ident}: {what}"
+
+    def step(self, row: Any) -> None:
+        r = self._report
+        if r.problem is not None:
+            return
+        expected = r.head_seq + 1
+        fields = _fields(row)
+        seq = int(row.seq)
+        if seq > expected:
+            missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected}-{seq - 1}"
+            self._fail(seq, row, f"missing entry before it ({missing} deleted)")
+            return
+        if seq < expected:
+            self._fail(seq, row, f"duplicate seq (seq {seq} appears twice)")
+            return
+        if fields["prev_hash"] != self._prev:
+            self._misplaced(seq, row, fields)
+            return
+        if self._hash(self._prev, r.chain, seq, fields) != fields["entry_hash"]:
+            self._fail(seq, row, "edited (its fields no longer hash to its entry hash)")
+            return
+        mark = self._marks.get(seq)
+        if mark is not None and mark.entry_hash != fields["entry_hash"].hex():
+            self._fail(seq, row, f"differs from {mark.named()}: the chain was rewritten up to here")
+            return
+        self._prev = fields["entry_hash"]
+        r.count += 1
+        r.head_seq = seq
+        r.head_hash = self._prev.hex()
+        if mark is not None:
+            r.checkpointed_seq = seq
+
+    def _misplaced(self, seq: int, row: Any, fields: dict[str, Any]) -> None:
+        """The entry does not follow the one before it: find the entry it was recorded after to say why."""
+        r = self._report
+        prev_hash = fields["prev_hash"]
+        table = self._table
+        if prev_hash == GENESIS:
+            after: int | None = 0
+        else:
+            query = select(table.c.seq).where(table.c.chain == r.chain, table.c.entry_hash == prev_hash).limit(1)
+            with self._engine.connect() as conn:
+                found = conn.execute(query).scalar()
+            after = None if found is None else int(found)
+        if after is None:
+            self._fail(seq, row, "missing entry before it (the entry it was recorded after is gone or was edited)")
+            return
+        recorded_at = after + 1
+        intact = self._hash(prev_hash, r.chain, recorded_at, fields) == fields["entry_hash"]
+        if recorded_at < seq and intact:
+            query = select(table).where(table.c.chain == r.chain, table.c.seq == recorded_at)
+            with self._engine.connect() as conn:
+                forged = conn.execute(query).first()
+            self._fail(
+                recorded_at,
+                forged,
+                f"inserted (the entry now at seq {seq}, {_identify(r.table, row)}, was recorded right after "
+                f"seq {after})",
+            )
+        elif recorded_at != seq and intact:
+            self._fail(seq, row, f"out of order (this entry was recorded at seq {recorded_at})")
+        else:
+            self._fail(seq, row, "edited (it no longer links to the entry before it)")
+
+    def finish(self) -> None:
+        r = self._report
+        if r.problem is not None:
+            return
+        for mark in sorted(self._marks.values(), key=lambda m: m.seq):
+            if mark.seq > r.head_seq:
+                self._fail(
+                    r.head_seq + 1,
+                    None,
+                    f"missing: {mark.named()} has seq {mark.seq}, the chain ends at seq {r.head_seq} "
+                    "(entries deleted from its end)",
+                )
+                return
