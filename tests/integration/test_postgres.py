@@ -160,15 +160,17 @@ def test_events_are_recorded_in_order(store: RecordStore) -> None:
 
 
 def test_a_lost_connection_fails_requests_then_recovers(store: RecordStore, pg_url: str) -> None:
-    """STS-06: a dropped server connection is systemFailure for the waiting requests, never a hang or a token; the
-    next batch opens a new connection (a database restart or failover needs no restart of stampd)."""
+    """STS-06: a dropped server connection never gives a token without its record, never hangs, and is replaced
+    by a new connection (a database restart or failover needs no restart of stampd)."""
     assert asyncio.run(record_all(store, [token_record(1)])) == [None]
     name = pg_url.rsplit("/", 1)[1]
     with _admin() as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
     outcomes = asyncio.run(record_all(store, [token_record(2)]))
-    assert isinstance(outcomes[0], RecordingError)
-    assert store.token_by_serial(2) is None
+    # The batch fails on the dead connection and is retried once on a new one: either way, a request is told
+    # success exactly when its record is there.
+    assert (outcomes[0] is None) == (store.token_by_serial(2) is not None)
+    assert outcomes[0] is None or isinstance(outcomes[0], RecordingError)
     assert asyncio.run(record_all(store, [token_record(3)])) == [None]
     assert store.token_by_serial(3) == token_record(3)
 

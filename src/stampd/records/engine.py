@@ -54,7 +54,13 @@ def _configure_sqlite(engine: Engine) -> None:
 def open_engine(url: str, *, create: bool, pooled: bool = True) -> Engine:
     """An engine on the records at ``url``. A missing SQLite file is created 0600 with ``create``, and is an error
     (FileNotFoundError) without it. Raises SQLAlchemy's errors, ImportError (no driver) or OSError."""
-    engine = create_engine(records_url(url), **({} if pooled else {"poolclass": NullPool}))
+    url_object = records_url(url)
+    options: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+    if url_object.get_backend_name() == "sqlite":
+        # The token connection runs its statements on the event loop and its COMMIT (the fsync) in the store's
+        # commit thread, one at a time (RecordStore._flush); sqlite3 only needs to be told that is allowed.
+        options["connect_args"] = {"check_same_thread": False}
+    engine = create_engine(url_object, **options)
     database = sqlite_file(engine)
     if database is not None:
         _create_private_file(database, create)

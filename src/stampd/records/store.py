@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,9 @@ class RecordStore:
         self._insert_order = tuple(statement.positiontup or ()) if statement.positional else None
         self._connection: Any = None
         self._pending: list[_Pending] = []
+        self._flush_scheduled = False
+        self._in_flight: tuple[Future[None], list[_Pending], int, bytes] | None = None
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stampd-commit")
         self.chain_id = new_chain_id()
         self._token_head = ChainHead(self.chain_id)
         self._event_head = ChainHead(self.chain_id)
@@ -131,30 +135,80 @@ class RecordStore:
     # --- issuance path ---
 
     async def record(self, record: TokenRecord) -> None:
-        """Wait until ``record`` is committed together with every other record made in this loop iteration.
+        """Wait until ``record`` is committed together with the other records of its batch.
 
-        The commit runs on the event loop itself, once per iteration (scheduled with ``call_soon``): a writer
-        thread would contend for the GIL with every signature, and measured 90-300 µs per token that way.
+        Group commit, pipelined: the rows of a batch are chained and inserted on the event loop (no GIL
+        contention per row), and only the COMMIT, which waits for the disk or the database server, runs in the
+        commit thread; meanwhile the loop signs the next requests, whose records form the next batch. One batch
+        is in flight at a time, so the chain and the connection are never used by two batches at once.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
         self._pending.append((_row(record), future))
+        if not self._flush_scheduled and self._in_flight is None:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         await future
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        for start in range(0, len(batch), MAX_BATCH):
-            chunk = batch[start : start + MAX_BATCH]
-            rows = [row for row, _ in chunk]
-            for (_, future), error in zip(chunk, self._commit(rows), strict=True):
-                if future.done():
-                    continue
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+        self._flush_scheduled = False
+        if self._in_flight is not None or not self._pending:
+            return
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        rows = [row for row, _ in batch]
+        try:
+            params, seq, entry = self._chained(rows)
+            self._check_sqlite_file()
+            if self._connection is None:
+                self._connection = self._engine.raw_connection()
+            cursor = self._connection.cursor()
+            try:
+                cursor.executemany(self._insert_sql, params)
+            finally:
+                cursor.close()
+        except Exception:
+            self._rolled_back()
+            self._settle(batch, self._commit(rows))
+            self._flush()
+            return
+        commit: Future[None] = self._committer.submit(self._connection.commit)
+        self._in_flight = (commit, batch, seq, entry)
+        asyncio.wrap_future(commit).add_done_callback(self._committed)
+
+    def _committed(self, _done: object) -> None:
+        self._finish_commit()
+        self._flush()
+
+    def _finish_commit(self) -> None:
+        """Settle the batch whose COMMIT has returned (once, whoever gets here first: the loop or close())."""
+        if self._in_flight is None:
+            return
+        commit, batch, seq, entry = self._in_flight
+        self._in_flight = None
+        if commit.exception() is None:
+            self._token_head.advance(seq, entry)
+            self._settle(batch, [None] * len(batch))
+        else:
+            self._rolled_back()
+            self._settle(batch, self._commit([row for row, _ in batch]))
+
+    def _rolled_back(self) -> None:
+        """After a failed batch: no transaction left open, and the chain head as the database has it."""
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.rollback()
+        self._discard_connection()
+        self._resync_head(tokens, self._token_head)
+
+    @staticmethod
+    def _settle(batch: list[_Pending], outcomes: list[RecordingError | None]) -> None:
+        for (_, future), error in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
     def _chained(self, rows: list[dict[str, Any]]) -> tuple[list[Any], int, bytes]:
         """The insert parameters of ``rows`` as the next entries of the token chain, in order; with the seq and
@@ -370,8 +424,14 @@ class RecordStore:
 
     def close(self) -> None:
         """Commit what is pending, then release the database."""
+        if self._in_flight is not None:
+            self._in_flight[0].exception()  # waits for the COMMIT in flight
+            self._finish_commit()
         if self._pending:
-            self._flush()
+            rows = [row for row, _ in self._pending]
+            self._settle(self._pending, self._commit(rows))
+            self._pending = []
+        self._committer.shutdown(wait=True)
         if self._connection is not None:
             self._connection.close()
             self._connection = None
