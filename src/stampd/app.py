@@ -520,6 +520,9 @@ class _Service:
             await self._monitor.check()
             self._tasks.append(asyncio.create_task(self._monitor.run(checked=True), name="stampd-clock-monitor"))
         observe_clock(self._gate.status)
+        gc.collect()
+        gc.freeze()  # the start-up objects (keys, templates, modules) need no tracing by every later collection
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         self._store.record_event(
             "service.started",
             {"pid": os.getpid(), "tsus": [u.name for u in self.tsus.units], "clock": self._gate.status.as_detail()},
