@@ -35,6 +35,9 @@ class Check:
     NONCE = "nonce"
 
 
+ALL_CHECKS: tuple[str, ...] = tuple(v for k, v in vars(Check).items() if k.isupper())
+"""Every step, in the order they run (the order of :class:`Check`)."""
+
 REQUIRED_CHECKS: tuple[str, ...] = (
     Check.STRUCTURE,
     Check.SIGNER,

@@ -89,7 +89,8 @@ def verify_as_named(signer: KeySigner, data: bytes, signature: bytes) -> None:
         assert identifier["parameters"].native is None and identifier.dump().endswith(b"\x05\x00")  # ALG-01: NULL
         key.verify(signature, data, padding.PKCS1v15(), HASHES[hash_name]())
     else:
-        assert isinstance(key, ec.EllipticCurvePublicKey) and identifier.dump()[-1] != 0  # ALG-03: absent params
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        assert identifier.contents == identifier["algorithm"].dump()  # ALG-03: parameters absent, not NULL
         key.verify(signature, data, ec.ECDSA(HASHES[hash_name]()))
 
 
