@@ -121,6 +121,28 @@ class MethodNotAllowed(TransportError):
         self.allow = allow
 
 
+class Unauthorized(TransportError):
+    """No subscriber could be identified (or the credentials presented are wrong) on a subscribers-only TSU."""
+
+    http_status = 401
+
+
+class Forbidden(TransportError):
+    """The caller is a known subscriber, but disabled or not one this TSU serves."""
+
+    http_status = 403
+
+
+class TooManyRequests(TransportError):
+    """The subscriber's quota or request rate is spent; ``retry_after_s`` says when to come back."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 # --- Relying party ---
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from stampd.clockgate import ClockState, ClockStatus
 
@@ -42,3 +42,36 @@ def observe_clock(status: ClockStatus) -> None:
 def exposition() -> tuple[bytes, bytes]:
     """(body, content type) for GET /metrics."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST.encode()
+
+
+REQUESTS = Counter(
+    "stampd_requests",
+    "Requests answered, by TSU path, HTTP status and PKIFailureInfo bit name (empty when none)",
+    ["tsu", "status", "fail_info"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "stampd_request_duration_seconds",
+    "Time from the request's headers to its answer, per TSU path",
+    ["tsu"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+RECORD_COMMIT_SECONDS = Histogram(
+    "stampd_record_commit_seconds",
+    "Time to commit one batch of token records (group commit), from its flush to its COMMIT",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+RECORD_BATCH_SIZE = Histogram(
+    "stampd_record_batch_size",
+    "Token records per committed transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
+SUBSCRIBER_REFUSALS = Counter(
+    "stampd_subscriber_refusals",
+    "Requests refused by access control, quota or rate, by TSU path and reason (unauthorized, forbidden, quota, rate)",
+    ["tsu", "reason"],
+    registry=REGISTRY,
+)
