@@ -16,8 +16,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "stampd"
 
-CORE = ("errors", "oids", "model", "ports", "policy", "issuance", "der", "verify", "certprofile", "clockgate")
-ADAPTERS = ("clock", "signers", "records", "server", "client", "pki", "serials", "config", "metrics")
+CORE = (
+    "errors",
+    "oids",
+    "model",
+    "ports",
+    "policy",
+    "issuance",
+    "der",
+    "verify",
+    "certprofile",
+    "clockgate",
+    "access",
+)
+ADAPTERS = ("clock", "signers", "records", "server", "client", "pki", "serials", "config", "metrics", "logs")
 COMPOSITION = ("app", "cli")
 """Every top-level module of stampd, by layer (ARCHITECTURE.md); a new module must be placed here."""
 

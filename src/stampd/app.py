@@ -14,15 +14,16 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from stampd.access import AccessRule, SubscriberDirectory, UsageLedger
 from stampd.certprofile import key_fingerprint, key_matches_certificate, signing_window, tsu_refusals
 from stampd.clock.kernel import read_kernel_clock
 from stampd.clock.leapseconds import load_leap_table
@@ -35,14 +36,16 @@ from stampd.der.request import encode_message_imprint
 from stampd.der.token import QUALIFIED_TOKEN_EXTENSIONS, GenTimeFormatter, TokenFields, TokenTemplate
 from stampd.errors import ConfigError, PKIError, StampdError
 from stampd.issuance import SigningKey, StoppedUnit, TimeStampingUnit
-from stampd.metrics import TSU_ACTIVE, TSU_DAYS_LEFT, exposition, observe_clock
+from stampd.metrics import READINESS, TSU_ACTIVE, TSU_CERTIFICATE_DAYS_LEFT, TSU_DAYS_LEFT, exposition, observe_clock
 from stampd.model import MessageImprint
 from stampd.oids import SHA256
 from stampd.policy import IssuancePolicy
 from stampd.records.checkpoint import CheckpointSigner
 from stampd.records.store import RecordStore
+from stampd.records.subscribers import SubscriberStore
+from stampd.records.usage import open_usage_ledger
 from stampd.serials import RandomSerialSource
-from stampd.server.asgi import TimeStampApp
+from stampd.server.asgi import Route, TimeStampApp
 from stampd.signers.backends import KeySigner, open_signer
 from stampd.signers.keyfile import load_encrypted_key, read_passphrase_file
 from stampd.verify import verify_timestamp
@@ -56,6 +59,16 @@ allocations (the default) only spends CPU that signatures could use (measured wi
 
 TSU_STATE_POLL_S = 1.0
 """How often a serving process reads the TSU states; the database refuses stopped TSUs' records at once anyway."""
+
+KEY_CHECK_INTERVAL_S = 10.0
+"""How often each TSU's key signs a test token for /readyz (an HSM that stopped answering shows within this)."""
+
+RECORDS_PROBE_IDLE_S = 10.0
+"""After this long without a token committed, /readyz relies on a write probe of the records instead."""
+
+SUBSCRIBERS_POLL_S = 5.0
+"""How often a serving process re-reads the subscribers (when a TSU serves subscribers): `stampd subscribers
+disable` takes effect on every node within this time, without a signal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +165,7 @@ def _signing_key(item: LoadedTsu, accuracy_us: int, at_ns: int) -> SigningKey:
 
 def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu, at_ns: int) -> None:
     """Fail closed: sign one token with the assembled template and check it as a relying party would."""
-    digest = hashlib.sha256(b"stampd start-up self-test").digest()
+    digest = hashlib.sha256(b"stampd self-test").digest()
     try:
         response = template.response(
             TokenFields(
@@ -169,7 +182,7 @@ def _self_test(tsu: TsuConfig, template: TokenTemplate, item: LoadedTsu, at_ns: 
     report = verify_timestamp(response, digest=digest, anchors=[item.anchor], extra_certs=list(item.chain))
     if not report.ok:
         failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
-        raise PKIError(f"tsu.{tsu.name}: the start-up self-test token does not verify: {failed}")
+        raise PKIError(f"tsu.{tsu.name}: the self-test token does not verify: {failed}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,10 @@ class _Tsus:
     certificates_pem: dict[str, bytes]
     renew_before_ns: dict[str, int]
     signers: list[KeySigner]
+    rules: dict[str, AccessRule] = field(default_factory=dict)
+    """The access rule of each path served to subscribers only (a path without one is public)."""
+    keys: dict[str, list[tuple[SigningKey, LoadedTsu]]] = field(default_factory=dict)
+    """Each TSU's keys (current, next) with what they were loaded from: the watcher's test signatures use them."""
 
     def close(self) -> None:
         """Release the keys (HSM sessions); signing is synchronous on the loop, so none is in use now."""
@@ -224,7 +241,14 @@ def _build_tsus(config: Config, store: RecordStore, clock: GatedClock, serials: 
     for tsu in config.tsus:
         log.info("TSU %s serving at %s, default policy %s", tsu.name, tsu.path, tsu.default_policy)
     renew_before = {t.name: t.renew_before_us * 1000 for t in config.tsus}
-    return _Tsus(routes, certificates_pem, renew_before, loader.signers)
+    rule_of = {t.name: AccessRule(False, t.subscribers, t.name) for t in config.tsus if t.access == "subscribers"}
+    rules = {path: rule_of[unit.name] for path, unit in routes.items() if unit.name in rule_of}
+    return _Tsus(routes, certificates_pem, renew_before, loader.signers, rules, keys=loader.keys)
+
+
+def _served(tsus: _Tsus) -> dict[str, Route]:
+    """What the server routes each path to: the unit, and its access rule (none: public)."""
+    return {path: Route(unit, tsus.rules.get(path)) for path, unit in tsus.routes.items()}
 
 
 class _TsuLoader:
@@ -241,6 +265,7 @@ class _TsuLoader:
         self.routes: dict[str, TimeStampingUnit | StoppedUnit] = {}
         self.certificates_pem: dict[str, bytes] = {}
         self.signers: list[KeySigner] = []
+        self.keys: dict[str, list[tuple[SigningKey, LoadedTsu]]] = {}
 
     def activated(self, name: str, key: SigningKey) -> None:
         serial = f"{key.certificate_serial:x}"
@@ -275,7 +300,10 @@ class _TsuLoader:
             if activate_ns is not None:
                 if key.not_after_ns < activate_ns:
                     raise PKIError(f"tsu.{tsu.name}.next.activate_at: the current key stops signing before it (a gap)")
-                successor = (activate_ns, _signing_key(self.load(tsu, successor=True), accuracy_us, activate_ns))
+                next_item = self.load(tsu, successor=True)
+                successor = (activate_ns, _signing_key(next_item, accuracy_us, activate_ns))
+                self.keys[tsu.name] = [(successor[1], next_item)]
+        self.keys[tsu.name] = [(key, item), *self.keys.get(tsu.name, [])]
         unit = TimeStampingUnit(
             name=tsu.name,
             policy=IssuancePolicy(tsu.default_policy, tsu.accepted_policies, tsu.hash_algorithms),
@@ -310,33 +338,106 @@ def create_app(config: Config) -> TimeStampApp:
     tsus = _build_tsus(config, store, clock, serials)
     service = _Service(store, gate, monitor, tsus, _checkpoints(config))
     app = TimeStampApp(
-        tsus.routes,
+        _served(tsus),
         tsus.certificates_pem,
         max_request_bytes=config.server.max_request_bytes,
         on_startup=service.start,
         on_shutdown=service.stop,
-        readiness=lambda: _readiness(gate, service.tsus),
+        readiness=service.readiness,
         metrics=exposition,
+        trusted_proxies=config.server.trusted_proxies,
     )
+    access = _SubscriberAccess(config)
+    if tsus.rules:
+        access.open()
+        access.install(app, access.load())
 
     def reload() -> None:
         """SIGHUP: load the TSUs again from the same file and switch to them; in-flight requests finish on the
         units they started with. The clock and records settings need a restart."""
         try:
             fresh = _build_tsus(load_config(config.source), store, clock, serials)
+            try:
+                if fresh.rules:
+                    access.open()
+                    access.install(app, access.load())
+            except BaseException:
+                fresh.close()
+                raise
         except StampdError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             store.record_event("config.reload_failed", {"error": str(e)})
             return
         retired, service.tsus = service.tsus, fresh
+        service.key_failures = {}  # the fresh keys have just signed their self-test tokens
         service.apply_tsu_states()
-        app.replace_routes(fresh.routes, fresh.certificates_pem)
+        app.replace_routes(_served(fresh), fresh.certificates_pem)
         retired.close()
         store.record_event("config.reloaded", {"tsus": [u.name for u in fresh.units]})
         log.warning("configuration reloaded: TSUs %s", ", ".join(u.name for u in fresh.units))
 
     service.reload = reload
+    service.watch_subscribers = lambda: access.watch(app)
     return app
+
+
+class _ClosableLedger(UsageLedger, Protocol):
+    async def close(self) -> None: ...
+
+
+class _SubscriberAccess:
+    """The subscribers and the usage ledger of a server with TSUs that serve subscribers only (opened when the
+    first such TSU is loaded). The server gets immutable snapshots of the subscribers: a request in flight keeps
+    the one it started with. They are re-read every :data:`SUBSCRIBERS_POLL_S` and on SIGHUP."""
+
+    def __init__(self, config: Config) -> None:
+        self._records_url = config.records.url
+        self._ledger_spec = config.access.ledger
+        self.store: SubscriberStore | None = None
+        self.ledger: _ClosableLedger | None = None
+        self.directory: SubscriberDirectory | None = None
+
+    def open(self) -> None:
+        """Open the subscribers and the usage ledger, once."""
+        if self.store is None:
+            self.store = SubscriberStore(self._records_url)
+            self.ledger = open_usage_ledger(self._ledger_spec, self._records_url)
+
+    def load(self) -> SubscriberDirectory:
+        assert self.store is not None
+        try:
+            return self.store.load_directory()
+        except ValueError as e:
+            raise ConfigError(f"the subscribers in the records cannot be served: {e}") from None
+
+    def install(self, app: TimeStampApp, fresh: SubscriberDirectory) -> None:
+        """Serve ``fresh`` unless it holds the same subscribers (a snapshot kept keeps its verified passwords)."""
+        if self.directory is not None and fresh.subscribers == self.directory.subscribers:
+            return
+        assert self.ledger is not None
+        self.directory = fresh
+        app.replace_subscribers(fresh, self.ledger)
+        log.info("subscribers: %d loaded; quotas and rates counted in %s", len(fresh), self._ledger_spec)
+
+    async def watch(self, app: TimeStampApp) -> None:
+        """Re-read the subscribers now and then (in a thread: the event loop keeps serving). The service cancels
+        this task at shutdown, after the last request: the ledger is closed then."""
+        try:
+            while True:
+                await asyncio.sleep(SUBSCRIBERS_POLL_S)
+                if self.store is None:
+                    continue
+                try:
+                    fresh = await asyncio.to_thread(self.load)
+                except Exception:  # a transient database error must not end the watch
+                    log.exception("cannot read the subscribers; the previous ones stay in effect")
+                    continue
+                self.install(app, fresh)
+        finally:
+            if self.store is not None:
+                self.store.close()
+            if self.ledger is not None:
+                await self.ledger.close()
 
 
 def _checkpoints(config: Config) -> tuple[CheckpointSigner, float] | None:
@@ -348,40 +449,60 @@ def _checkpoints(config: Config) -> tuple[CheckpointSigner, float] | None:
     return CheckpointSigner(key), records.checkpoint_interval_us / 1e6
 
 
-def _readiness(gate: ClockGate, tsus: _Tsus) -> tuple[bool, str]:
-    """/readyz: the clock's verdict, then one line per TSU with its state and the days its key may still sign."""
+def _readiness(
+    gate: ClockGate, tsus: _Tsus, key_failures: Mapping[str, str], records_error: str | None
+) -> tuple[bool, str]:
+    """/readyz: the clock's verdict, one line per TSU with its state and the days its key may still sign, and
+    the records store; ready only if the clock is good, every loaded key signed its last test signature and the
+    last write to the records worked (SPEC OPS-03, OPS-06, OPS-09). Also sets the readiness metrics."""
     now_ns = time.time_ns()
-    ready, reason = gate.readiness(now_ns, time.monotonic_ns())
+    clock_ready, reason = gate.readiness(now_ns, time.monotonic_ns())
     lines = [reason]
     active = 0
     for unit in tsus.units:
-        line, is_active = _readiness_line(unit, now_ns, tsus.renew_before_ns[unit.name])
+        line, is_active = _readiness_line(unit, now_ns, tsus, key_failures.get(unit.name))
         active += is_active
         lines.append(line)
     for stopped in tsus.stopped:
         TSU_ACTIVE.labels(tsu=stopped.name).set(0)
         lines.append(f"tsu {stopped.name}: {stopped.stopped}")
     if active == 0:
-        ready = False
         lines.append("no TSU can issue tokens")
-    return ready, "\n".join(lines)
+    keys_ready = not any(name in key_failures for name in (u.name for u in tsus.units))
+    lines.append("records writable" if records_error is None else f"records not writable: {records_error}")
+    checks = {"clock": clock_ready, "keys": keys_ready, "records": records_error is None, "tsus": active > 0}
+    for check, ok in checks.items():
+        READINESS.labels(check=check).set(1 if ok else 0)
+    return all(checks.values()), "\n".join(lines)
 
 
-def _readiness_line(unit: TimeStampingUnit, now_ns: int, renew_before_ns: int) -> tuple[str, bool]:
+def _readiness_line(unit: TimeStampingUnit, now_ns: int, tsus: _Tsus, key_failure: str | None) -> tuple[str, bool]:
     """One TSU's state for /readyz, also set in the metrics."""
     key = unit.key_at(now_ns)
     days_left = (key.not_after_ns - now_ns) / 86_400e9
     active = False
     if unit.stopped is not None:
         state = unit.stopped
+    elif key_failure is not None:
+        state = f"key not usable: {key_failure}"
     elif not key.not_before_ns <= now_ns <= key.not_after_ns:
         state = "outside its signing window (certificate validity or privateKeyUsagePeriod)"
     else:
         active = True
-        state = "active" + (", RENEW SOON" if key.not_after_ns - now_ns < renew_before_ns else "")
+        renew_soon = key.not_after_ns - now_ns < tsus.renew_before_ns[unit.name]
+        state = "active" + (", RENEW SOON" if renew_soon else "")
     TSU_DAYS_LEFT.labels(tsu=unit.name).set(days_left)
+    loaded = _loaded(tsus, unit.name, key)
+    if loaded is not None:
+        certificate_end_ns = _ns(loaded.certificate.not_valid_after_utc)
+        TSU_CERTIFICATE_DAYS_LEFT.labels(tsu=unit.name).set((certificate_end_ns - now_ns) / 86_400e9)
     TSU_ACTIVE.labels(tsu=unit.name).set(1 if active else 0)
     return f"tsu {unit.name}: {state}; the key may sign for {max(days_left, 0):.1f} more days", active
+
+
+def _loaded(tsus: _Tsus, name: str, key: SigningKey) -> LoadedTsu | None:
+    """What ``key`` of TSU ``name`` was loaded from (its certificate, chain and trust anchor)."""
+    return next((item for candidate, item in tsus.keys.get(name, ()) if candidate is key), None)
 
 
 def _clock(clock: ClockConfig, store: RecordStore) -> tuple[ClockGate, ClockMonitor | None]:
@@ -447,8 +568,12 @@ class _Service:
         self._monitor = monitor
         self.tsus = tsus
         self.reload: Callable[[], None] = lambda: None
+        self.watch_subscribers: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._key_events: set[tuple[str, str, str]] = set()
+        self.key_failures: dict[str, str] = {}
+        """TSU name -> why its last test signature failed (see :meth:`check_keys`)."""
+        self._keys_checked_at = time.monotonic()  # start-up has just signed a self-test token with every key
 
     def apply_tsu_states(self) -> None:
         """Stop every TSU the records say is compromised or terminated (set by `stampd tsu compromise` or
@@ -460,9 +585,49 @@ class _Service:
                 unit.stop(state.state)
                 log.error("TSU %s is %s: it issues no more tokens", unit.name, state.state)
 
-    def observe_tsus(self, now_ns: int) -> None:
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz (see :func:`_readiness`); it reads what the watcher found and does no I/O of its own."""
+        return _readiness(self._gate, self.tsus, self.key_failures, self._store.write_error)
+
+    def check_keys(self) -> None:
+        """Every :data:`KEY_CHECK_INTERVAL_S`, sign a token with the key each TSU uses now and verify it as a
+        relying party would. A key that stopped working (an HSM unreachable, a session lost) makes /readyz fail,
+        naming the TSU and the error, until a later test works. On the event loop, like every signature, so that
+        a reload never closes a key in use; never on a /readyz request, which must stay fast."""
+        if time.monotonic() - self._keys_checked_at < KEY_CHECK_INTERVAL_S:
+            return
+        self._keys_checked_at = time.monotonic()
+        now_ns = time.time_ns()
+        failures: dict[str, str] = {}
         for unit in self.tsus.units:
-            _readiness_line(unit, now_ns, self.tsus.renew_before_ns[unit.name])
+            key = unit.key_at(now_ns)
+            loaded = _loaded(self.tsus, unit.name, key)
+            if unit.stopped is not None or loaded is None:
+                continue
+            try:
+                _self_test(loaded.config, key.template, loaded, min(max(now_ns, key.not_before_ns), key.not_after_ns))
+            except Exception as e:
+                failures[unit.name] = str(e).removeprefix(f"tsu.{unit.name}: ")
+        for name, error in failures.items():
+            if self.key_failures.get(name) != error:
+                log.error("TSU %s: the key failed its test signature: %s", name, error)
+        for name in self.key_failures.keys() - failures.keys():
+            log.warning("TSU %s: the key signs again", name)
+        self.key_failures = failures
+
+    async def check_records(self) -> None:
+        """Probe the records with a write that changes nothing when no token was committed for
+        :data:`RECORDS_PROBE_IDLE_S`, or the last write failed (then every second, so that /readyz recovers as soon
+        as the database does). In a thread: a database that hangs must not stop the event loop."""
+        store = self._store
+        if store.write_error is None and time.monotonic() - store.last_write_at < RECORDS_PROBE_IDLE_S:
+            return
+        before = store.write_error
+        error = await asyncio.to_thread(store.probe_writable)
+        if error is not None and error != before:
+            log.error("records not writable: %s", error)
+        elif error is None and before is not None:
+            log.warning("records writable again")
 
     def record_key_life(self, now_ns: int) -> None:
         """Record, once per key, that it entered its renewal horizon (``key.expiring``) and that its signing
@@ -487,14 +652,20 @@ class _Service:
                 self._key_events.add((unit.name, serial, kind))
 
     async def _watch_tsu_states(self) -> None:
+        """Every second: the TSU states and key life events from the records, the keys' test signatures and the
+        records probe when due, and the readiness metrics."""
         while True:
             try:
                 self.apply_tsu_states()
-                now_ns = time.time_ns()
-                self.record_key_life(now_ns)
-                self.observe_tsus(now_ns)
+                self.record_key_life(time.time_ns())
             except Exception:  # a transient database error must not end the watch
                 log.exception("cannot read or record the TSU states")
+            try:
+                self.check_keys()
+                await self.check_records()
+                self.readiness()
+            except Exception:
+                log.exception("cannot check the keys or the records")
             await asyncio.sleep(TSU_STATE_POLL_S)
 
     async def _write_checkpoints(self, signer: CheckpointSigner, interval_s: float) -> None:
@@ -511,6 +682,8 @@ class _Service:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks.append(asyncio.create_task(self._watch_tsu_states(), name="stampd-tsu-states"))
+        if self.watch_subscribers is not None:
+            self._tasks.append(asyncio.create_task(self.watch_subscribers(), name="stampd-subscribers"))
         if self._checkpoints is not None:
             task = asyncio.create_task(self._write_checkpoints(*self._checkpoints), name="stampd-checkpoints")
             self._tasks.append(task)
@@ -545,3 +718,23 @@ class _Service:
 def create_app_from_environment() -> TimeStampApp:
     """Factory for worker processes: each loads the configuration named by $STAMPD_CONFIG itself."""
     return create_app(load_config(config_path(os.environ.get(CONFIG_ENV))))
+
+
+def check_tsu(tsu: TsuConfig, accuracy_us: int) -> None:
+    """Start-up's checks of one TSU, without serving it (`stampd config check`): the key in effect (and the next
+    key, until it takes over) opens, matches its certificate, passes the profile and chain checks, and signs a
+    self-test token that verifies. The keys are closed again; nothing is recorded."""
+    now = datetime.now(UTC)
+    activate_ns = _ns(tsu.next.activate_at) if tsu.next is not None else None
+    taken_over = activate_ns is not None and activate_ns <= time.time_ns()
+    item = load_tsu(tsu, now, successor=taken_over)
+    try:
+        _signing_key(item, accuracy_us, time.time_ns())
+    finally:
+        item.signer.close()
+    if activate_ns is not None and not taken_over:
+        successor = load_tsu(tsu, now, successor=True)
+        try:
+            _signing_key(successor, accuracy_us, activate_ns)
+        finally:
+            successor.signer.close()

@@ -6,19 +6,21 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
 from stampd.der.encoding import oid as der_oid
 from stampd.errors import ConfigError
+from stampd.logs import LOG_FORMATS
 from stampd.oids import DEFAULT_IMPRINT_HASHES, HASH_BY_NAME
 
 DEFAULT_CONFIG = "stampd.toml"
 CONFIG_ENV = "STAMPD_CONFIG"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h|d|y)\s*$")
 _DURATION_UNITS_US = {
     "us": 1,
     "µs": 1,
@@ -27,12 +29,14 @@ _DURATION_UNITS_US = {
     "m": 60_000_000,
     "h": 3_600_000_000,
     "d": 86_400_000_000,
+    "y": 366 * 86_400_000_000,  # the longest calendar year: "5y" is never shorter than 5 calendar years
 }
 _PRECISION_DIGITS = {"s": 0, "ms": 3, "us": 6}
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_ACCURACY_US = 60_000_000
 MAX_TIMEOUT_US = 600_000_000
+MIN_RETENTION_US = 86_400_000_000
 _TSU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -43,6 +47,32 @@ class ServerConfig:
     max_request_bytes: int
     request_timeout_s: float
     workers: int
+    tls: TlsConfig | None = None
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    """Only from these addresses are ``X-Forwarded-For`` and ``X-Client-Certificate`` believed."""
+    log_format: str = "json"
+    """``json`` (one object per line, for log collectors) or ``text`` (for humans)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Native HTTPS; with ``client_ca``, client certificates are requested (not required) and verified."""
+
+    certificate: Path
+    key: Path
+    key_passphrase_file: Path | None = None
+    client_ca: Path | None = None
+
+
+ACCESS_MODES = ("public", "subscribers")
+_SUBSCRIBER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+"""As `stampd subscribers add` accepts them."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    ledger: str = "records"
+    """Where quotas and rates are counted: ``records`` (the records database) or a ``redis://`` URL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +82,8 @@ class RecordsConfig:
     """An encrypted PKCS#8 key (Ed25519 recommended) that signs the chain heads (stampd.records.checkpoint)."""
     checkpoint_passphrase_file: Path | None = None
     checkpoint_interval_us: int = 300_000_000
+    retention_us: int = 5 * 366 * 86_400_000_000
+    """How long tokens and events are kept before `stampd records purge` may remove them (default 5y)."""
 
 
 DEFAULT_LEAP_SECONDS_FILE = Path("/usr/share/zoneinfo/leap-seconds.list")
@@ -119,6 +151,9 @@ class TsuConfig:
     accuracy_us: int | None = None
     renew_before_us: int = 30 * 86_400_000_000
     next: NextKeyConfig | None = None
+    access: str = "public"
+    subscribers: frozenset[str] | None = None
+    """With ``access = "subscribers"``: the only subscribers served (None: every enabled subscriber)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +163,7 @@ class Config:
     records: RecordsConfig
     clock: ClockConfig
     tsus: tuple[TsuConfig, ...]
+    access: AccessConfig = AccessConfig()
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -233,6 +269,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         records=_records(root.table("records")),
         clock=_clock(root.table("clock")),
         tsus=_tsus(root.table("tsu")),
+        access=_access(root.table("access")),
     )
     root.finish()
     for tsu in config.tsus:
@@ -259,8 +296,53 @@ def _server(t: _Table) -> ServerConfig:
     timeout_us = t.duration_us("request_timeout", "10s")
     if timeout_us > MAX_TIMEOUT_US:
         raise t.error("request_timeout", "must be at most 10m")
+    tls = _tls(t)
+    trusted_proxies = tuple(_network(t, "trusted_proxies", v) for v in t.strings("trusted_proxies", []))
+    log_format = t.get("log_format", str, "json")
+    if log_format not in LOG_FORMATS:
+        raise t.error("log_format", f"expected 'json' or 'text', not {log_format!r}")
     t.finish()
-    return ServerConfig(host, port, max_bytes, timeout_us / 1e6, workers)
+    return ServerConfig(host, port, max_bytes, timeout_us / 1e6, workers, tls, trusted_proxies, log_format=log_format)
+
+
+def _tls(t: _Table) -> TlsConfig | None:
+    """[server] tls_certificate, tls_key (both or neither), tls_key_passphrase_file, tls_client_ca."""
+    certificate = t.path("tls_certificate")
+    key = t.path("tls_key")
+    passphrase_file = t.path("tls_key_passphrase_file")
+    client_ca = t.path("tls_client_ca")
+    if certificate is None or key is None:
+        for field, value in (("tls_certificate", certificate), ("tls_key", key)):
+            if value is not None:
+                raise t.error(field, "set both tls_certificate and tls_key, or neither")
+        for field, value in (("tls_key_passphrase_file", passphrase_file), ("tls_client_ca", client_ca)):
+            if value is not None:
+                raise t.error(field, "needs tls_certificate and tls_key")
+        return None
+    for field, value in (
+        ("tls_certificate", certificate),
+        ("tls_key", key),
+        ("tls_key_passphrase_file", passphrase_file),
+        ("tls_client_ca", client_ca),
+    ):
+        if value is not None and not value.is_file():
+            raise t.error(field, f"no such file {value}")
+    return TlsConfig(certificate, key, passphrase_file, client_ca)
+
+
+def _network(t: _Table, key: str, text: str) -> IPv4Network | IPv6Network:
+    try:
+        return ip_network(text)
+    except ValueError:
+        raise t.error(key, f"expected an address or CIDR range such as 127.0.0.1/32 or ::1/128, not {text!r}") from None
+
+
+def _access(t: _Table) -> AccessConfig:
+    ledger = t.get("ledger", str, "records")
+    if ledger != "records" and not ledger.startswith(("redis://", "rediss://", "unix://")):
+        raise t.error("ledger", f"expected 'records' or a redis:// URL, not {ledger!r}")
+    t.finish()
+    return AccessConfig(ledger)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -283,8 +365,11 @@ def _records(t: _Table) -> RecordsConfig:
     interval = t.duration_us("checkpoint_interval", "5m")
     if (checkpoint_key is None) != (passphrase_file is None):
         raise t.error("checkpoint_key", "set both checkpoint_key and checkpoint_passphrase_file, or neither")
+    retention = t.duration_us("retention", "5y")
+    if retention < MIN_RETENTION_US:
+        raise t.error("retention", "must be at least 1d (records younger than a day are never purged)")
     t.finish()
-    return RecordsConfig(url, checkpoint_key, passphrase_file, interval)
+    return RecordsConfig(url, checkpoint_key, passphrase_file, interval, retention)
 
 
 def _clock(t: _Table) -> ClockConfig:
@@ -380,6 +465,18 @@ def _tsu(name: str, t: _Table) -> TsuConfig:
         raise t.error("accuracy", "must be at most 60s")
     renew_before = t.duration_us("renew_before", "30d")
     next_key = _next_key(t.table("next"))
+    access = t.get("access", str, "public")
+    if access not in ACCESS_MODES:
+        raise t.error("access", f"expected 'public' or 'subscribers', not {access!r}")
+    subscribers = None
+    if "subscribers" in t.data:
+        names = t.strings("subscribers", [])
+        if access != "subscribers":
+            raise t.error("subscribers", 'lists subscribers, but the TSU is access = "public"')
+        bad = next((n for n in names if not _SUBSCRIBER_NAME.match(n)), None)
+        if bad is not None:
+            raise t.error("subscribers", f"{bad!r} is not a subscriber name (1 to 64 of A-Z a-z 0-9 - _ . @)")
+        subscribers = frozenset(names)
     t.finish()
     assert certificate is not None and trust_anchor is not None
     return TsuConfig(
@@ -399,6 +496,8 @@ def _tsu(name: str, t: _Table) -> TsuConfig:
         accuracy_us=accuracy,
         renew_before_us=renew_before,
         next=next_key,
+        access=access,
+        subscribers=subscribers,
     )
 
 
@@ -456,3 +555,72 @@ def _next_key(t: _Table) -> NextKeyConfig | None:
     next_key = NextKeyConfig(certificate, tuple(_path_list(t, "chain")), _key(t.table("key")), activate_at)
     t.finish()
     return next_key
+
+
+def format_duration_us(value: int) -> str:
+    """Microseconds as the duration text the loader reads, in the largest unit that keeps it exact ("16s")."""
+    for unit in ("y", "d", "h", "m", "s", "ms"):
+        size = _DURATION_UNITS_US[unit]
+        if value and value % size == 0:
+            return f"{value // size}{unit}"
+    return f"{value}us"
+
+
+def to_mapping(config: Config) -> dict[str, Any]:
+    """The effective configuration as TOML-shaped data: every setting with its default filled in and paths
+    resolved. The inverse of :func:`load_config` (loading it again gives an equal Config, which a test checks).
+
+    Passphrases and PINs are only referenced (a file or a variable); a URL may embed a password, which the
+    caller masks before showing it (`stampd config show`).
+    """
+    mapping: dict[str, Any] = {}
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if item.name == "tsus":
+            mapping["tsu"] = {tsu.name: _settings(tsu) for tsu in value}
+        elif is_dataclass(value):
+            mapping[item.name] = _settings(value)
+    return mapping
+
+
+def _settings(table: Any) -> dict[str, Any]:
+    """One configuration dataclass as its TOML table: ``X_us`` and ``X_s`` fields become durations named ``X``,
+    paths and networks text, sets sorted lists, None (a default of None) left out."""
+    settings: dict[str, Any] = {}
+    if isinstance(table, ServerConfig):
+        settings["listen"] = f"[{table.host}]:{table.port}" if ":" in table.host else f"{table.host}:{table.port}"
+    for item in fields(table):
+        name, value = item.name, getattr(table, item.name)
+        if isinstance(table, ServerConfig) and name in ("host", "port"):
+            continue
+        if isinstance(table, TsuConfig) and name == "name":
+            continue
+        if isinstance(table, KeyConfig) and table.backend != "pkcs11" and name == "sessions":
+            continue
+        if isinstance(table, ClockConfig) and name == "leap_seconds_file" and value is None:
+            settings[name] = ""  # "" turns the leap-second table off
+        elif isinstance(value, TlsConfig):
+            settings.update({f"tls_{key}": text for key, text in _settings(value).items()})
+        elif name == "gen_time_digits":
+            settings["gen_time_precision"] = {digits: unit for unit, digits in _PRECISION_DIGITS.items()}[value]
+        elif name.endswith("_us") and isinstance(value, int):
+            settings[name.removesuffix("_us")] = format_duration_us(value)
+        elif name.endswith("_s") and isinstance(value, float):
+            settings[name.removesuffix("_s")] = format_duration_us(round(value * 1_000_000))
+        elif value is not None:
+            settings[name] = _setting(value)
+    return settings
+
+
+def _setting(value: Any) -> Any:
+    if is_dataclass(value):
+        return _settings(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, frozenset):
+        return sorted(_setting(v) for v in value)
+    if isinstance(value, tuple | list):
+        return [_setting(v) for v in value]
+    if isinstance(value, Path | IPv4Network | IPv6Network):
+        return str(value)
+    return value

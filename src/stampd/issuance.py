@@ -14,7 +14,7 @@ from stampd.der.request import encode_message_imprint
 from stampd.der.response import rejection
 from stampd.der.token import GenTimeFormatter, TokenFields, TokenTemplate
 from stampd.errors import Rejection, SigningError, StampdError, SystemFailure
-from stampd.model import IssuedToken, TimeStampRequest, TokenRecord
+from stampd.model import IssuedToken, Reply, TimeStampRequest, TokenRecord
 from stampd.policy import IssuancePolicy
 from stampd.ports import Clock, RecordSink, SerialSource
 
@@ -87,7 +87,7 @@ class TimeStampingUnit:
         """Refuse every request from now on (compromise or termination, SPEC OPS-10, OPS-11); permanent."""
         self.stopped = state
 
-    def issue(self, request: TimeStampRequest, requester: str | None) -> IssuedToken:
+    def issue(self, request: TimeStampRequest, requester: str | None, subscriber: str | None = None) -> IssuedToken:
         """Sign a token for ``request``; raises a :class:`Rejection` naming the one failure bit."""
         if self.stopped is not None:
             raise SigningError(f"TSU {self.name} is {self.stopped}")
@@ -122,20 +122,21 @@ class TimeStampingUnit:
             nonce=request.nonce,
             token=response,
             requester=requester,
+            subscriber=subscriber,
         )
         return IssuedToken(record=record, response=response)
 
-    async def respond(self, request: TimeStampRequest, requester: str | None) -> bytes:
+    async def respond(self, request: TimeStampRequest, requester: str | None, subscriber: str | None = None) -> Reply:
         """The DER TimeStampResp for ``request``: a recorded token, or a rejection (SPEC STS-01..06)."""
         try:
-            issued = self.issue(request, requester)
+            issued = self.issue(request, requester, subscriber)
             await self._records.record(issued.record)
         except SystemFailure as e:
             log.error("TSU %s: no token issued: %s", self.name, e, exc_info=e.__cause__ is not None)
-            return rejection(e.fail_info, "the TSA could not issue a token; try again later")
+            return Reply(rejection(e.fail_info, "the TSA could not issue a token; try again later"), e.fail_info)
         except Rejection as e:
-            return rejection(e.fail_info, str(e))
-        return issued.response
+            return Reply(rejection(e.fail_info, str(e)), e.fail_info)
+        return Reply(issued.response)
 
 
 class StoppedUnit:
@@ -146,5 +147,6 @@ class StoppedUnit:
         self.name = name
         self.stopped = state
 
-    async def respond(self, request: TimeStampRequest, requester: str | None) -> bytes:
-        return rejection(SystemFailure.fail_info, "the TSA could not issue a token; try again later")
+    async def respond(self, request: TimeStampRequest, requester: str | None, subscriber: str | None = None) -> Reply:
+        fail_info = SystemFailure.fail_info
+        return Reply(rejection(fail_info, "the TSA could not issue a token; try again later"), fail_info)

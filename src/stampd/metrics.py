@@ -26,7 +26,21 @@ TSU_DAYS_LEFT = Gauge(
     ["tsu"],
     registry=REGISTRY,
 )
+TSU_CERTIFICATE_DAYS_LEFT = Gauge(
+    "stampd_tsu_certificate_days_left",
+    "Days until the TSU certificate in use expires (notAfter; the key may stop signing sooner, see "
+    "stampd_tsu_signing_days_left)",
+    ["tsu"],
+    registry=REGISTRY,
+)
 TSU_ACTIVE = Gauge("stampd_tsu_active", "1 while the TSU issues tokens", ["tsu"], registry=REGISTRY)
+READINESS = Gauge(
+    "stampd_readiness",
+    "1 while the readiness check passes: clock (the clock gate), keys (every test signature worked), records "
+    "(the last write worked), tsus (at least one TSU can issue); /readyz is 200 when all are 1",
+    ["check"],
+    registry=REGISTRY,
+)
 
 
 def observe_clock(status: ClockStatus) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stampd.errors import FailureInfo
+
 
 @dataclass(frozen=True, slots=True)
 class MessageImprint:
@@ -32,7 +34,10 @@ class TimeStampRequest:
 
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
-    """What the records keep of every issued token (SPEC OPS-09); the requester never enters the token."""
+    """What the records keep of every issued token (SPEC OPS-09); the requester never enters the token.
+
+    ``subscriber`` names the subscriber that was granted the token on a subscribers-only TSU (billing counts it).
+    """
 
     serial: int
     gen_time_ns: int
@@ -44,6 +49,7 @@ class TokenRecord:
     nonce: int | None
     token: bytes
     requester: str | None
+    subscriber: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +58,16 @@ class IssuedToken:
 
     record: TokenRecord
     response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A TSU's answer to one request: the DER TimeStampResp, and the failInfo bit when it is a rejection (None for
+    a granted token), so that the server can count and release without decoding its own DER."""
+
+    body: bytes
+    fail_info: FailureInfo | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.fail_info is None

@@ -99,7 +99,7 @@ def _rows(url: str, query: str) -> list[tuple[object, ...]]:
 def test_upgrade_is_idempotent_and_the_server_check_passes(pg_url: str) -> None:
     assert current_revision(pg_url) is None
     empty = RecordStore(pg_url)
-    with pytest.raises(RecordingError, match=r"the records schema is at empty .*, this stampd needs 0002"):
+    with pytest.raises(RecordingError, match=r"the records schema is at empty .*, this stampd needs 0003"):
         empty.check_schema()
     empty.close()
     assert upgrade(pg_url) == upgrade(pg_url) == head_revision()
@@ -199,10 +199,10 @@ def test_a_tsa_serving_on_postgresql(pg_url: str, tmp_path: Path) -> None:
 
     refused = tsa.stampd("serve", check=False)
     assert refused.returncode != 0
-    assert f"this stampd needs 0002: run `stampd db upgrade -c {tsa.config}`" in refused.stderr + refused.stdout
+    assert f"this stampd needs 0003: run `stampd db upgrade -c {tsa.config}`" in refused.stderr + refused.stdout
     assert tsa.stampd("db", "current", check=False).returncode == 1
-    assert tsa.stampd("db", "upgrade").stdout == "the records schema is now at 0002 (was empty)\n"
-    assert tsa.stampd("db", "current").stdout == "0002 (head)\n"
+    assert tsa.stampd("db", "upgrade").stdout == "the records schema is now at 0003 (was empty)\n"
+    assert tsa.stampd("db", "current").stdout == "0003 (head)\n"
 
     tsa.start()
     try:

@@ -100,7 +100,8 @@ def test_a_stopped_tsu_without_its_key_still_starts_and_refuses_ops_11(tmp_path:
     app = create_app(config)
     request = TimeStampRequest(1, MessageImprint(SHA256.oid, True, bytes(32)), None, 5, True, ())
     reply_b = asyncio.run(app._units["/b"].respond(request, None))
-    assert read_response(reply_b).status.fail_bits == (FailureInfo.SYSTEM_FAILURE,)
+    assert reply_b.fail_info == FailureInfo.SYSTEM_FAILURE
+    assert read_response(reply_b.body).status.fail_bits == (FailureInfo.SYSTEM_FAILURE,)
     ready, text = _readiness_of(app)
     assert ready and "tsu b: compromised" in text and "tsu a: active" in text
 

@@ -130,3 +130,70 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STAMPD_CONFIG", "/etc/stampd/stampd.toml")
     assert config_path(None) == Path("/etc/stampd/stampd.toml")
     assert config_path("x.toml") == Path("x.toml")
+
+
+# --- access control, TLS and trusted proxies (issue 6) ---
+
+
+def test_access_defaults_public_and_reads_subscribers(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).tsus[0].access == "public"
+    assert load_config(write(tmp_path, MINIMAL)).access.ledger == "records"
+    text = MINIMAL.replace('default_policy = "2.25.7"', 'default_policy = "2.25.7"\naccess = "subscribers"')
+    (tsu,) = load_config(write(tmp_path, text)).tsus
+    assert (tsu.access, tsu.subscribers) == ("subscribers", None)  # every subscriber
+    listed = text.replace('access = "subscribers"', 'access = "subscribers"\nsubscribers = ["acme", "corp.eu@x"]')
+    assert load_config(write(tmp_path, listed)).tsus[0].subscribers == {"acme", "corp.eu@x"}
+    redis = load_config(write(tmp_path, '[access]\nledger = "redis://127.0.0.1:6379/0"\n' + MINIMAL))
+    assert redis.access.ledger == "redis://127.0.0.1:6379/0"
+
+
+def test_tls_and_trusted_proxies_are_read(tmp_path: Path) -> None:
+    for name in ("server.pem", "server-key.pem", "clients.pem"):
+        (tmp_path / name).write_text("placeholder")
+    server = (
+        '[server]\ntls_certificate = "server.pem"\ntls_key = "server-key.pem"\ntls_client_ca = "clients.pem"\n'
+        'trusted_proxies = ["127.0.0.1/32", "::1"]\n'
+    )
+    config = load_config(write(tmp_path, server + MINIMAL)).server
+    assert config.tls is not None
+    assert (config.tls.certificate, config.tls.client_ca) == (tmp_path / "server.pem", tmp_path / "clients.pem")
+    assert config.tls.key_passphrase_file is None
+    assert [str(n) for n in config.trusted_proxies] == ["127.0.0.1/32", "::1/128"]
+    assert load_config(write(tmp_path, MINIMAL)).server.tls is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('[server]\ntls_certificate = "server.pem"\n', "server.tls_certificate: set both tls_certificate and tls_key"),
+        ('[server]\ntls_key = "server.pem"\n', "server.tls_key: set both"),
+        ('[server]\ntls_client_ca = "server.pem"\n', "server.tls_client_ca: needs tls_certificate and tls_key"),
+        ('[server]\ntls_certificate = "absent.pem"\ntls_key = "server.pem"\n', "server.tls_certificate: no such file"),
+        ('[server]\ntrusted_proxies = ["10.0.0.0/33"]\n', "server.trusted_proxies: expected an address or CIDR"),
+        ('[server]\ntrusted_proxies = ["10.0.0.1/8"]\n', "server.trusted_proxies: expected an address or CIDR"),
+        ('[server]\ntrusted_proxies = "127.0.0.1"\n', "server.trusted_proxies: expected list"),
+        ('[access]\nledger = "memcached://x"\n', "access.ledger: expected 'records' or a redis:// URL"),
+        ("[access]\nquota = 5\n", "access.quota: unknown setting"),
+    ],
+)
+def test_access_and_tls_errors_name_the_field(tmp_path: Path, change: str, message: str) -> None:
+    (tmp_path / "server.pem").write_text("placeholder")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, change + MINIMAL))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("new", "message"),
+    [
+        ('access = "private"', "tsu.default.access: expected 'public' or 'subscribers'"),
+        ('subscribers = ["acme"]', 'tsu.default.subscribers: lists subscribers, but the TSU is access = "public"'),
+        ('access = "subscribers"\nsubscribers = ["a b"]', "tsu.default.subscribers: 'a b' is not a subscriber name"),
+        ('access = "subscribers"\nsubscribers = "acme"', "tsu.default.subscribers: expected list"),
+    ],
+)
+def test_tsu_access_errors_name_the_field(tmp_path: Path, new: str, message: str) -> None:
+    text = MINIMAL.replace('default_policy = "2.25.7"', f'default_policy = "2.25.7"\n{new}')
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)

@@ -1,8 +1,10 @@
-"""The deployment examples in deploy/: the Kubernetes manifests and the nginx configuration agree with each other
-and with what stampd accepts (its configuration loader, its endpoints, its listen address)."""
+"""The deployment examples: the Kubernetes manifests, the nginx configuration, the systemd unit and the Dockerfile
+agree with each other and with what stampd accepts (its configuration loader and defaults, its endpoints
+/healthz, /readyz and /metrics, its listen address, its signals)."""
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -285,3 +287,123 @@ def test_nginx_terminates_tls_and_passes_the_client_address() -> None:
     assert _nginx("ssl_certificate") and _nginx("ssl_certificate_key")
     assert "$proxy_add_x_forwarded_for" in _nginx("proxy_set_header X-Forwarded-For")
     assert "/healthz" in NGINX_CONF.read_text()
+
+
+# --- metrics scraping, the systemd unit and the container image ---
+
+SYSTEMD_UNIT = DEPLOY / "systemd" / "stampd.service"
+DOCKERFILE = DEPLOY.parent / "Dockerfile"
+DOCKERIGNORE = DEPLOY.parent / ".dockerignore"
+
+
+def test_the_pods_are_scraped_at_metrics_on_the_container_port() -> None:
+    annotations = _deployment()["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert _container_port(int(annotations["prometheus.io/port"])) == 3180
+
+
+def _defaults(tmp_path: Path) -> Config:
+    """A configuration that sets nothing it need not: the defaults the image and the unit must agree with."""
+    return _load(
+        tmp_path,
+        '[tsu.default]\ndefault_policy = "1.2.3"\ncertificate = "c.pem"\ntrust_anchor = "r.pem"\n'
+        '[tsu.default.key]\npath = "k.pem"\npassphrase_env = "P"\n',
+    )
+
+
+def _unit() -> dict[str, list[str]]:
+    """The systemd unit's directives: name -> every value given (a directive may repeat)."""
+    directives: dict[str, list[str]] = {}
+    for line in SYSTEMD_UNIT.read_text().splitlines():
+        if line.strip() and not line.startswith(("#", "[")):
+            name, _, value = line.partition("=")
+            directives.setdefault(name.strip(), []).append(value.strip())
+    return directives
+
+
+def test_the_systemd_unit_is_hardened() -> None:
+    unit = _unit()
+
+    def one(name: str) -> str:
+        assert len(unit.get(name, [])) == 1, f"{name}: {unit.get(name)}"
+        return unit[name][0]
+
+    assert one("User") not in ("", "root", "0") or one("DynamicUser") == "yes"
+    for name, value in {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "MemoryDenyWriteExecute": "yes",
+        "StateDirectory": "stampd",
+        "UMask": "0077",
+        "KillSignal": "SIGTERM",
+        "Restart": "on-failure",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+    }.items():
+        assert one(name) == value, name
+    assert set(one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert "/var/lib/stampd" in one("ReadWritePaths").split()
+    # The kernel's clock discipline is read with adjtimex (clock.kernel_discipline): allowed, and not taken
+    # away again by ProtectClock or a deny list naming @clock or @privileged.
+    filters = " ".join(unit["SystemCallFilter"]).split()
+    assert "@system-service" in filters and "adjtimex" in filters
+    assert not any(f.startswith("~") for f in filters) and "ProtectClock" not in unit
+
+
+def test_the_systemd_unit_serves_checks_and_stops_within_its_timeout(tmp_path: Path) -> None:
+    unit = _unit()
+    (start,) = unit["ExecStart"]
+    (check,) = unit["ExecStartPre"]
+    executable, *arguments = start.split()
+    assert arguments[:1] == ["serve"] and "--listen" not in arguments
+    config_file = _option(arguments, "-c")
+    assert check.split() == [executable, "config", "check", config_file]
+    assert f"STAMPD_CONFIG={config_file}" in unit["Environment"]
+    defaults = _defaults(tmp_path)
+    (timeout,) = unit["TimeoutStopSec"]
+    assert int(timeout) > defaults.server.request_timeout_s, "the stop timeout must cover the longest request"
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions (continuation lines joined), grouped by stage."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        instruction, _, argument = line.strip().partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction.upper(), argument.strip()))
+    return stages
+
+
+def test_the_dockerfile_builds_a_wheel_and_runs_it_as_non_root(tmp_path: Path) -> None:
+    build, runtime = _dockerfile_stages()
+    assert any(i == "RUN" and "pip wheel" in a for i, a in build)
+    assert ("COPY", "--from=build /opt/stampd /opt/stampd") in runtime
+    final = dict(runtime)  # the last value of each instruction
+    user = final["USER"].split(":")[0]
+    assert user not in ("0", "root")
+    pod = _pod_spec()["securityContext"]
+    assert int(user) == pod["runAsUser"], "the image's user is the one the Deployment runs as"
+    port = _defaults(tmp_path).server.port
+    assert final["EXPOSE"] == str(port) == str(_container_port("http"))
+    assert "/var/lib/stampd" in final["VOLUME"]
+    assert f"http://127.0.0.1:{port}/healthz" in final["HEALTHCHECK"]
+    command = json.loads(final["CMD"])
+    assert json.loads(final["ENTRYPOINT"]) == ["stampd"] and command[0] == "serve"
+    assert _option(command, "-c") == CONFIG_MOUNT
+    assert split_listen(_option(command, "--listen")) == ("0.0.0.0", port)
+    assert final["STOPSIGNAL"] == "SIGTERM"
+
+
+def test_the_build_context_leaves_keys_records_and_environments_out() -> None:
+    rules = [line for line in DOCKERIGNORE.read_text().splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*", "an allow-list: nothing enters the build context unless named"
+    allowed = {rule.removeprefix("!").rstrip("/") for rule in rules if rule.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "src"}

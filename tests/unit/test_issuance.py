@@ -16,8 +16,10 @@ from stampd.der.token import GenTimeFormatter
 from stampd.der.token_reader import read_response
 from stampd.errors import FailureInfo, RecordingError, SigningError, TimeNotAvailable
 from stampd.issuance import SigningKey, TimeStampingUnit
-from stampd.model import TokenRecord
+from stampd.model import Reply, TokenRecord
 from stampd.policy import IssuancePolicy
+from stampd.records.chain import GENESIS, token_entry_hash
+from stampd.records.store import _row
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "stampd"
 sys.path.insert(0, str(VECTORS))
@@ -79,21 +81,25 @@ def unit(
     )
 
 
-def status_of(der: bytes) -> tuple[int, tuple[int, ...]]:
-    status = read_response(der).status
+def status_of(reply: Reply) -> tuple[int, tuple[int, ...]]:
+    """The reply's PKIStatus and failInfo bits, as a client reads them; the Reply's own fail_info must agree."""
+    status = read_response(reply.body).status
+    assert reply.fail_info == (status.fail_bits[0] if status.fail_bits else None)
+    assert reply.granted == (status.status == 0)
     return status.status, status.fail_bits
 
 
 def test_granted_token_is_recorded_before_it_is_returned() -> None:
     records = MemoryRecords()
-    der = asyncio.run(unit(FixedClock(GOLDEN_NS + 456_789), records).respond(SHA256_REQUEST, "192.0.2.7"))
-    assert status_of(der) == (0, ())
+    reply = asyncio.run(unit(FixedClock(GOLDEN_NS + 456_789), records).respond(SHA256_REQUEST, "192.0.2.7"))
+    assert status_of(reply) == (0, ())
+    der = reply.body
     (record,) = records.records
     assert record.token == der
     assert record.serial == 1 and record.tsu == "golden" and record.policy == GOLDEN_POLICY
     assert record.gen_time == "20260301120000.123Z" and record.gen_time_ns == GOLDEN_NS
     assert record.nonce == SHA256_REQUEST.nonce and record.imprint == SHA256_REQUEST.imprint.digest
-    assert record.requester == "192.0.2.7"
+    assert record.requester == "192.0.2.7" and record.subscriber is None
     assert b"192.0.2.7" not in der and bytes([192, 0, 2, 7]) not in der  # REQ-14
 
 
@@ -108,7 +114,7 @@ def test_serials_differ_per_token_tst_04() -> None:
 def test_recording_failure_returns_system_failure_and_no_token() -> None:
     der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords(fail=True)).respond(SHA256_REQUEST, None))
     assert status_of(der) == (2, (FailureInfo.SYSTEM_FAILURE,))
-    assert len(der) < 200
+    assert len(der.body) < 200
 
 
 def test_signing_failure_is_system_failure_sts_06() -> None:
@@ -129,7 +135,8 @@ def test_policy_rejection_carries_its_reason() -> None:
     der = asyncio.run(
         unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, policy="1.2.3"), None)
     )
-    status = read_response(der).status
+    status = read_response(der.body).status
+    assert der.fail_info == FailureInfo.UNACCEPTED_POLICY
     assert status.fail_bits == (FailureInfo.UNACCEPTED_POLICY,)
     assert status.status_strings == ("policy 1.2.3 is not accepted",)
 
@@ -137,7 +144,7 @@ def test_policy_rejection_carries_its_reason() -> None:
 @pytest.mark.parametrize("nonce", [None, 0, 1, 2**255, 2**256 - 1, -5])
 def test_nonce_echoed_by_value_req_07_req_08(nonce: int | None) -> None:
     der = asyncio.run(unit(FixedClock(GOLDEN_NS), MemoryRecords()).respond(replace(SHA256_REQUEST, nonce=nonce), None))
-    token = read_response(der).token
+    token = read_response(der.body).token
     assert token is not None and token.tst_info.nonce == nonce
 
 
@@ -178,7 +185,7 @@ def test_rollover_switches_at_the_instant_with_no_gap_and_no_overlap() -> None:
     signatures = []
     for offset_ms in (-3, -2, -1, 0, 1, 2):  # ...switches nothing: the genTime alone picks the key
         clock.ns = GOLDEN_NS + offset_ms * 1_000_000
-        der = asyncio.run(tsu.respond(SHA256_REQUEST, None))
+        der = asyncio.run(tsu.respond(SHA256_REQUEST, None)).body
         token = read_response(der).token
         assert token is not None
         signatures.append(token.signer_infos[0].signature)
@@ -186,3 +193,18 @@ def test_rollover_switches_at_the_instant_with_no_gap_and_no_overlap() -> None:
     assert activated == [("golden", 2)]
     clock.ns = GOLDEN_NS - 1_000_000  # a step back after the switch never returns to the old key
     assert tsu.key_at(clock.ns).certificate_serial == 2
+
+
+def test_the_subscriber_is_recorded_and_chained_only_when_set() -> None:
+    """A subscriber's token names it in its record, and the record's chain entry covers it; a token without one
+    hashes exactly as before subscribers existed, so existing chains and golden hashes stay valid."""
+    records = MemoryRecords()
+    reply = asyncio.run(unit(FixedClock(GOLDEN_NS), records).respond(SHA256_REQUEST, "192.0.2.7", "acme"))
+    assert status_of(reply) == (0, ())
+    (record,) = records.records
+    assert record.subscriber == "acme" and b"acme" not in reply.body  # REQ-14: the token never names it
+    row = _row(record)
+    before = token_entry_hash(GENESIS, "c", 1, {k: v for k, v in row.items() if k != "subscriber"})
+    assert token_entry_hash(GENESIS, "c", 1, {**row, "subscriber": None}) == before
+    assert token_entry_hash(GENESIS, "c", 1, row) != before
+    assert token_entry_hash(GENESIS, "c", 1, {**row, "subscriber": ""}) != before  # absent is not empty

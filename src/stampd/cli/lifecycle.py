@@ -21,6 +21,7 @@ from cryptography import x509
 
 from stampd.certprofile import key_fingerprint
 from stampd.cli.options import config_option
+from stampd.cli.records import export_all
 from stampd.config import Config, KeyConfig, TsuConfig, load_config, pid_file_for
 from stampd.errors import ConfigError, StampdError
 from stampd.oids import HASH_BY_OID
@@ -107,19 +108,32 @@ def compromise(config_file: str, name: str, since_text: str, report: Path | None
 @click.command("terminate")
 @config_option
 @click.option(
+    "--export",
+    "export_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the self-verifying records archive of every record (`stampd records verify-archive`).",
+)
+@click.option(
     "--archive",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Where to write the records archive (a copy of the records database).",
+    help="Where to write a copy of the SQLite records database.",
 )
 @click.option("--destroy-keys", is_flag=True, help="Also destroy every TSU's private key (asks to confirm).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def terminate(config_file: str, archive: Path, destroy_keys: bool, yes: bool) -> None:
-    """Stop every TSU for good, export the records, and optionally destroy the keys (SPEC OPS-11)."""
+def terminate(config_file: str, export_file: Path | None, archive: Path | None, destroy_keys: bool, yes: bool) -> None:
+    """Stop every TSU for good, export the records (--export, --archive or both), and optionally destroy the keys
+    (SPEC OPS-11)."""
     config = load_config(config_file)
     names = [t.name for t in config.tsus]
-    if archive.exists() or not archive.parent.is_dir():
-        raise StampdError(f"{archive} exists or its directory does not; choose a new file for the records archive")
+    targets = [t for t in (export_file, archive) if t is not None]
+    if not targets:
+        raise click.UsageError("give --export FILE (a self-verifying archive) and/or --archive FILE (SQLite copy)")
+    if archive is not None and not config.records.url.startswith("sqlite:"):
+        raise StampdError("--archive copies SQLite records only: use --export for PostgreSQL")
+    for target in targets:
+        if target.exists() or not target.parent.is_dir():
+            raise StampdError(f"{target} exists or its directory does not; choose a new file for the records archive")
+    shown = str(export_file if export_file is not None else archive)
     if not yes:
         click.confirm(f"Terminate {', '.join(names)} for good? They will never issue again", abort=True)
     store = RecordStore(config.records.url, create=False)
@@ -128,14 +142,19 @@ def terminate(config_file: str, archive: Path, destroy_keys: bool, yes: bool) ->
         for tsu_config in config.tsus:
             name = tsu_config.name
             if name in states and states[name].state == "compromised":
-                store.record_event("tsu.terminated", {"archive": str(archive), "state kept": "compromised"}, tsu=name)
+                store.record_event("tsu.terminated", {"archive": shown, "state kept": "compromised"}, tsu=name)
             else:
-                detail = {"archive": str(archive), "key_fingerprints": _key_fingerprints(tsu_config)}
+                detail = {"archive": shown, "key_fingerprints": _key_fingerprints(tsu_config)}
                 store.stop_tsu(name, "terminated", since_us=None, reason="termination", detail=detail)
             click.echo(f"TSU {name} is terminated")
-        _export(config, archive)
-        store.record_event("records.exported", {"archive": str(archive), "reason": "termination"})
-        click.echo(f"records archive: {archive}")
+        if export_file is not None:
+            counts = export_all(config, export_file)
+            store.record_event("records.exported", {"archive": str(export_file), "reason": "termination", **counts})
+            click.echo(f"records archive: {export_file} ({counts['tokens']} tokens, {counts['events']} events)")
+        if archive is not None:
+            _export(config, archive)
+            store.record_event("records.exported", {"archive": str(archive), "reason": "termination"})
+            click.echo(f"records database copy: {archive}")
         if destroy_keys:
             if not yes:
                 click.confirm("Destroy every TSU private key? This cannot be undone", abort=True)

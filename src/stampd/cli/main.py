@@ -33,13 +33,17 @@ def main() -> None:
 
 
 from stampd.cli import audit as _audit  # noqa: E402
+from stampd.cli import config as _config  # noqa: E402
 from stampd.cli import db as _db  # noqa: E402
 from stampd.cli import init as _init  # noqa: E402
 from stampd.cli import lifecycle as _lifecycle  # noqa: E402
+from stampd.cli import records as _records  # noqa: E402
 from stampd.cli import serve as _serve  # noqa: E402
 from stampd.cli import stamp as _stamp  # noqa: E402
+from stampd.cli import subscribers as _subscribers  # noqa: E402
 from stampd.cli import tokens as _tokens  # noqa: E402
 from stampd.cli import tsu as _tsu  # noqa: E402
+from stampd.cli import usage as _usage  # noqa: E402
 from stampd.cli import verify as _verify  # noqa: E402
 
 for _command in (
@@ -53,6 +57,10 @@ for _command in (
     _lifecycle.reload,
     _db.command,
     _audit.command,
+    _records.command,
+    _subscribers.command,
+    _usage.command,
+    _config.command,
 ):
     cli.add_command(_command)
 _tsu.command.add_command(_lifecycle.compromise)

@@ -11,6 +11,7 @@ import click
 from stampd.app import create_app
 from stampd.cli.options import config_option
 from stampd.config import load_config, pid_file_for, split_listen
+from stampd.logs import log_config
 from stampd.server.run import LOG_CONFIG, serve
 
 
@@ -22,6 +23,7 @@ def command(config_file: str, listen: str | None, workers: int | None) -> None:
     """Serve RFC 3161 time-stamp requests over HTTP until interrupted."""
     logging.config.dictConfig(LOG_CONFIG)
     config = load_config(config_file)
+    logging.config.dictConfig(log_config(config.server.log_format))
     try:
         host, port = split_listen(listen) if listen else (config.server.host, config.server.port)
     except ValueError as e:

@@ -7,6 +7,10 @@ Steps:
    entry's prev_hash is the entry hash before it, and each entry hash recomputes from the row's fields.
 3. Each chain still reaches every checkpointed (seq, hash): a tail rewritten or cut short after a checkpoint is
    caught there.
+4. A chain starts at seq 1, or right after the anchor ``[N, entry hash]`` that a ``records.purged`` event recorded
+   for it (:mod:`stampd.records.retention`): its first entry is then seq N + 1 and its prev_hash is that hash.
+   The event must itself be intact and, when checkpoints are checked, covered by a verified checkpoint; a
+   checkpoint that signed seq N must agree with the anchor.
 A chain stops at its first bad entry, which the report names (table, chain, seq, serial or event kind, what is
 wrong). Rows recorded before the chains existed (revision 0002) are counted as unchained: they cannot be checked.
 """
@@ -28,6 +32,7 @@ from stampd.records.chain import GENESIS, event_entry_hash, token_entry_hash
 from stampd.records.checkpoint import PublicKey, signature_valid, signed_bytes, spki_sha256
 from stampd.records.engine import open_engine, records_url
 from stampd.records.migrate import current_revision, head_revision
+from stampd.records.retention import PURGED_EVENT, parse_anchors
 from stampd.records.schema import checkpoints, events, tokens
 
 STREAM_ROWS = 2000
@@ -50,6 +55,8 @@ class ChainReport:
     head_hash: str = GENESIS.hex()
     checkpointed_seq: int = 0
     """The highest seq a valid checkpoint covers: entries after it are chained but not signed yet."""
+    purged_through: int = 0
+    """Entries 1..purged_through were removed by a recorded purge (0: none)."""
     problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,6 +66,7 @@ class ChainReport:
             "count": self.count,
             "head": [self.head_seq, self.head_hash],
             "checkpointed_seq": self.checkpointed_seq,
+            "purged_through": self.purged_through,
             "problem": self.problem,
         }
 
@@ -98,6 +106,20 @@ class _Signed:
         return f"checkpoint {self.checkpoint} ({at})"
 
 
+@dataclass(frozen=True, slots=True)
+class _Anchor:
+    """Entries 1..seq of a chain were purged; its next entry follows ``entry_hash``. Recorded by the
+    ``records.purged`` event at (source_chain, source_seq)."""
+
+    seq: int
+    entry_hash: bytes
+    source_chain: str
+    source_seq: int
+
+    def named(self) -> str:
+        return f"the purge anchor of the {PURGED_EVENT} event at events chain {self.source_chain} seq {self.source_seq}"
+
+
 def audit_records(url: str, public_key: PublicKey | None) -> AuditReport:
     """Walk every chain of the records at ``url`` and check every checkpoint with ``public_key``."""
     revision = current_revision(url)
@@ -114,8 +136,10 @@ def audit_records(url: str, public_key: PublicKey | None) -> AuditReport:
     try:
         report = AuditReport()
         signed = _checkpoints(engine, public_key, report)
+        anchors = _anchors(engine, report)
         for table in (tokens, events):
-            _walk_table(engine, table, signed, report)
+            _walk_table(engine, table, signed, anchors, report)
+        _check_anchor_sources(anchors, report, signed_required=public_key is not None)
         return report
     except SQLAlchemyError as e:
         raise RecordingError(f"cannot read the records: {e}") from e
@@ -159,6 +183,48 @@ def _checkpoints(
     return signed
 
 
+def _anchors(engine: Engine, report: AuditReport) -> dict[tuple[str, str], _Anchor]:
+    """Step 4: per (table, chain), the furthest anchor any ``records.purged`` event recorded (each purge carries
+    the earlier ones forward); whether its event can be trusted is checked once the chains are walked."""
+    query = select(events.c.chain, events.c.seq, events.c.detail).where(
+        events.c.kind == PURGED_EVENT, events.c.chain.is_not(None)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query.order_by(events.c.id)).all()
+    found: dict[tuple[str, str], _Anchor] = {}
+    for row in rows:
+        try:
+            recorded = parse_anchors(json.loads(row.detail))
+        except (ValueError, TypeError) as e:
+            report.problems.append(f"{PURGED_EVENT} event at events chain {row.chain} seq {row.seq}: {e}")
+            continue
+        for table, chains in recorded.items():
+            for chain, (seq, entry_hash) in chains.items():
+                known = found.get((table, chain))
+                if known is None or seq >= known.seq:
+                    found[(table, chain)] = _Anchor(seq, entry_hash, row.chain, int(row.seq))
+    return found
+
+
+def _check_anchor_sources(anchors: dict[tuple[str, str], _Anchor], report: AuditReport, signed_required: bool) -> None:
+    """An anchor lets a chain start late only if the event that recorded it walked intact (and, with checkpoints,
+    is signed): otherwise anyone could delete a chain's start and add a forged purge event of their own."""
+    walked = {(c.table, c.chain): c for c in report.chains}
+    for (table, chain), anchor in sorted(anchors.items()):
+        source = walked.get(("events", anchor.source_chain))
+        if source is None or source.head_seq < anchor.source_seq:
+            reason = "not intact"
+        elif signed_required and source.checkpointed_seq < anchor.source_seq:
+            reason = "covered by no verified checkpoint"
+        else:
+            continue
+        problem = f"{table} chain {chain}: starts after seq {anchor.seq} by {anchor.named()}, which is {reason}"
+        report.problems.append(problem)
+        chain_report = walked.get((table, chain))
+        if chain_report is not None and chain_report.problem is None:
+            chain_report.problem = problem
+
+
 def _identify(table: str, row: Any) -> str:
     return f"serial 0x{row.serial}" if table == "tokens" else f"event {row.kind}"
 
@@ -170,9 +236,13 @@ def _fields(row: Any) -> dict[str, Any]:
 
 
 def _walk_table(
-    engine: Engine, table: Table, signed: dict[tuple[str, str], list[_Signed]], report: AuditReport
+    engine: Engine,
+    table: Table,
+    signed: dict[tuple[str, str], list[_Signed]],
+    anchors: dict[tuple[str, str], _Anchor],
+    report: AuditReport,
 ) -> None:
-    """Steps 2 and 3 for every chain of ``table``."""
+    """Steps 2, 3 and 4 for every chain of ``table``."""
     name = table.name
     with engine.connect() as conn:
         report.unchained[name] = int(
@@ -188,12 +258,19 @@ def _walk_table(
                     walker.finish()
                 current = ChainReport(name, row.chain)
                 report.chains.append(current)
-                walker = _ChainWalk(engine, table, current, signed.get((name, row.chain), []))
+                key = (name, row.chain)
+                walker = _ChainWalk(engine, table, current, signed.get(key, []), anchors.get(key))
             assert walker is not None
             walker.step(row)
         if walker is not None:
             walker.finish()
     seen = {c.chain for c in report.chains if c.table == name}
+    for (anchored_table, chain), anchor in sorted(anchors.items()):
+        if anchored_table == name and chain not in seen:  # purged to its last entry: nothing left to walk
+            emptied = ChainReport(name, chain)
+            report.chains.append(emptied)
+            _ChainWalk(engine, table, emptied, signed.get((name, chain), []), anchor).finish()
+            seen.add(chain)
     for (signed_table, chain), marks in sorted(signed.items()):
         if signed_table == name and chain not in seen:
             mark = max(marks, key=lambda m: m.seq)
@@ -206,13 +283,32 @@ def _walk_table(
 class _ChainWalk:
     """One chain, entry by entry, until its first bad entry."""
 
-    def __init__(self, engine: Engine, table: Table, report: ChainReport, marks: Iterable[_Signed]) -> None:
+    def __init__(
+        self, engine: Engine, table: Table, report: ChainReport, marks: Iterable[_Signed], anchor: _Anchor | None
+    ) -> None:
         self._engine = engine
         self._table = table
         self._report = report
         self._hash = _HASHERS[table.name]
         self._marks = {m.seq: m for m in sorted(marks, key=lambda m: m.checkpoint)}
         self._prev = GENESIS
+        self._anchor = anchor
+        if anchor is not None:
+            self._start_after(anchor)
+
+    def _start_after(self, anchor: _Anchor) -> None:
+        """The chain continues after a purge: checkpoints of purged entries can no longer be walked to, but one
+        that signed the last purged entry must agree with the anchor."""
+        r = self._report
+        r.purged_through = r.head_seq = anchor.seq
+        r.head_hash = anchor.entry_hash.hex()
+        self._prev = anchor.entry_hash
+        mark = self._marks.get(anchor.seq)
+        if mark is not None and mark.entry_hash != r.head_hash:
+            self._fail(anchor.seq, None, f"{anchor.named()} differs from {mark.named()}")
+        elif mark is not None:
+            r.checkpointed_seq = anchor.seq
+        self._marks = {seq: m for seq, m in self._marks.items() if seq > anchor.seq}
 
     def _fail(self, seq: int, row: Any, what: str) -> None:
         r = self._report
@@ -230,8 +326,20 @@ class _ChainWalk:
             missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected}-{seq - 1}"
             self._fail(seq, row, f"missing entry before it ({missing} deleted)")
             return
+        anchor = self._anchor if r.count == 0 else None
+        if seq < expected and anchor is not None:
+            self._fail(seq, row, f"present, but seq 1-{anchor.seq} were purged by {anchor.named()}")
+            return
         if seq < expected:
             self._fail(seq, row, f"duplicate seq (seq {seq} appears twice)")
+            return
+        if fields["prev_hash"] != self._prev and anchor is not None:
+            self._fail(
+                seq,
+                row,
+                f"does not follow {anchor.named()} (its prev_hash is not the entry hash of seq {anchor.seq}): "
+                "the entry or the anchor was edited",
+            )
             return
         if fields["prev_hash"] != self._prev:
             self._misplaced(seq, row, fields)

@@ -33,8 +33,10 @@ TOKEN_FIELDS = (
     "nonce",
     "requester",
     "token",
+    "subscriber",
 )
-"""The columns of a token record that its entry hash covers, in the order they are encoded."""
+"""The columns of a token record that its entry hash covers, in the order they are encoded; ``subscriber`` only
+when it is set (see :func:`token_entry_hash`)."""
 
 EVENT_FIELDS = ("at_us", "kind", "tsu", "detail")
 """The columns of an event that its entry hash covers, in the order they are encoded."""
@@ -77,7 +79,13 @@ def _binary(value: bytes) -> bytes:
 
 
 def token_entry_hash(prev_hash: bytes, chain: str, seq: int, row: Mapping[str, Any]) -> bytes:
-    """The entry hash of a token row (the columns of :data:`TOKEN_FIELDS`) at ``seq`` of ``chain``."""
+    """The entry hash of a token row (the columns of :data:`TOKEN_FIELDS`) at ``seq`` of ``chain``.
+
+    The subscriber is appended only when the row has one: the entries of tokens without a subscriber (every token
+    recorded before subscribers existed, and every token of a public TSU) hash exactly as they always did, so
+    existing chains stay valid. The token field before it is length-prefixed, so the encoding stays unambiguous.
+    """
+    subscriber = row.get("subscriber")
     return _sha256(
         b"".join(
             (
@@ -95,6 +103,7 @@ def token_entry_hash(prev_hash: bytes, chain: str, seq: int, row: Mapping[str, A
                 _text(row["nonce"]),
                 _text(row["requester"]),
                 _binary(row["token"]),
+                b"" if subscriber is None else _text(subscriber),
             )
         )
     ).digest()

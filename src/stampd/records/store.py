@@ -14,10 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, false, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
+from stampd.metrics import RECORD_BATCH_SIZE, RECORD_COMMIT_SECONDS
 from stampd.model import TokenRecord
 from stampd.records.chain import ChainHead, event_entry_hash, new_chain_id, token_entry_hash
 from stampd.records.checkpoint import Checkpoint, CheckpointSigner, Heads, heads_json, signed_bytes
@@ -49,6 +50,7 @@ def _row(record: TokenRecord) -> dict[str, Any]:
         "nonce": None if record.nonce is None else str(record.nonce),
         "requester": record.requester,
         "token": record.token,
+        "subscriber": record.subscriber,
     }
 
 
@@ -64,6 +66,7 @@ def _record(row: Any) -> TokenRecord:
         nonce=None if row.nonce is None else int(row.nonce),
         token=row.token,
         requester=row.requester,
+        subscriber=row.subscriber,
     )
 
 
@@ -103,7 +106,10 @@ class RecordStore:
         self._connection: Any = None
         self._pending: list[_Pending] = []
         self._flush_scheduled = False
-        self._in_flight: tuple[Future[None], list[_Pending], int, bytes] | None = None
+        self._in_flight: tuple[Future[None], list[_Pending], int, bytes, float] | None = None
+        self.write_error: str | None = None
+        """Why the last write (a batch of token records, or :meth:`probe_writable`) failed; None when it worked."""
+        self.last_write_at = time.monotonic()
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stampd-commit")
         self.chain_id = new_chain_id()
         self._token_head = ChainHead(self.chain_id)
@@ -154,6 +160,7 @@ class RecordStore:
         self._flush_scheduled = False
         if self._in_flight is not None or not self._pending:
             return
+        started = time.perf_counter()
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         rows = [row for row, _ in batch]
         try:
@@ -172,7 +179,7 @@ class RecordStore:
             self._flush()
             return
         commit: Future[None] = self._committer.submit(self._connection.commit)
-        self._in_flight = (commit, batch, seq, entry)
+        self._in_flight = (commit, batch, seq, entry, started)
         asyncio.wrap_future(commit).add_done_callback(self._committed)
 
     def _committed(self, _done: object) -> None:
@@ -183,10 +190,13 @@ class RecordStore:
         """Settle the batch whose COMMIT has returned (once, whoever gets here first: the loop or close())."""
         if self._in_flight is None:
             return
-        commit, batch, seq, entry = self._in_flight
+        commit, batch, seq, entry, started = self._in_flight
         self._in_flight = None
         if commit.exception() is None:
             self._token_head.advance(seq, entry)
+            RECORD_COMMIT_SECONDS.observe(time.perf_counter() - started)
+            RECORD_BATCH_SIZE.observe(len(batch))
+            self._wrote(None)
             self._settle(batch, [None] * len(batch))
         else:
             self._rolled_back()
@@ -235,8 +245,11 @@ class RecordStore:
             params, seq, entry = self._chained(rows)
             self._insert(params)
             self._token_head.advance(seq, entry)
+            self._wrote(None)
             return [None] * len(rows)
         except Exception as e:  # any failure must answer the waiting requests, never strand them
+            if not isinstance(e, self._engine.dialect.loaded_dbapi.IntegrityError):  # a refused row is no outage
+                self._wrote(_first_line(e))
             self._discard_connection()  # a lost connection (database restart, failover) is replaced next time
             self._resync_head(tokens, self._token_head)
             if len(rows) == 1:
@@ -436,3 +449,33 @@ class RecordStore:
             self._connection.close()
             self._connection = None
         self._engine.dispose()
+
+    # --- readiness ---
+
+    def _wrote(self, error: str | None) -> None:
+        self.write_error = error
+        self.last_write_at = time.monotonic()
+
+    def probe_writable(self) -> str | None:
+        """Open a write transaction that changes nothing and roll it back: what /readyz relies on when no token
+        was committed lately (a read-only database or standby, a lost server, a removed SQLite file). Blocking:
+        call it in a thread. Returns the error (also kept in :attr:`write_error`), None when writable."""
+        try:
+            self._check_sqlite_file()
+            with self._engine.connect() as conn:
+                transaction = conn.begin()
+                try:
+                    conn.execute(delete(tsu_states).where(false()))
+                finally:
+                    transaction.rollback()
+        except (SQLAlchemyError, RecordingError) as e:
+            self._wrote(_first_line(e))
+        else:
+            self._wrote(None)
+        return self.write_error
+
+
+def _first_line(error: Exception) -> str:
+    """A database error in one line (drivers and SQLAlchemy append the statement and links on further lines)."""
+    first, _, _ = str(error).partition("\n")
+    return f"{type(error).__name__}: {first}"

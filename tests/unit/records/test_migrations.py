@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
@@ -17,7 +18,8 @@ from stampd.cli.main import cli
 from stampd.config import load_config
 from stampd.errors import RecordingError
 from stampd.model import TokenRecord
-from stampd.records.migrate import current_revision, head_revision, upgrade
+from stampd.records.engine import open_engine
+from stampd.records.migrate import _config, current_revision, head_revision, upgrade
 from stampd.records.schema import metadata
 from stampd.records.store import RecordStore
 
@@ -45,7 +47,7 @@ def url(tmp_path: Path) -> str:
 def test_upgrade_creates_the_schema_of_the_code_private(url: str, tmp_path: Path) -> None:
     assert current_revision(url) is None
     assert not (tmp_path / "records.sqlite3").exists()  # asking the revision creates nothing
-    assert upgrade(url) == head_revision() == "0002"
+    assert upgrade(url) == head_revision() == "0003"
     assert current_revision(url) == head_revision()
     assert (tmp_path / "records.sqlite3").stat().st_mode & 0o777 == 0o600
     engine = create_engine(url)
@@ -79,7 +81,7 @@ def test_the_server_refuses_an_empty_database(url: str) -> None:
     finally:
         store.close()
     assert str(refused.value) == (
-        "the records schema is at empty (no records schema), this stampd needs 0002: "
+        "the records schema is at empty (no records schema), this stampd needs 0003: "
         "run `stampd db upgrade -c /etc/stampd/stampd.toml`"
     )
 
@@ -93,7 +95,7 @@ def test_the_server_refuses_an_unknown_revision(url: str, tmp_path: Path) -> Non
     assert current_revision(url) == "0099"
     store = RecordStore(url)
     try:
-        with pytest.raises(RecordingError, match=r"the records schema is at 0099, this stampd needs 0002: run `stampd"):
+        with pytest.raises(RecordingError, match=r"the records schema is at 0099, this stampd needs 0003: run `stampd"):
             store.check_schema()
     finally:
         store.close()
@@ -120,10 +122,10 @@ def test_db_upgrade_and_current_commands_are_idempotent(tmp_path: Path) -> None:
     url = load_config(config).records.url
     assert current_revision(url) == head_revision()  # `stampd init` leaves a database ready to serve
     current = runner.invoke(cli, ["db", "current", "-c", config])
-    assert (current.exit_code, current.output) == (0, "0002 (head)\n")
+    assert (current.exit_code, current.output) == (0, "0003 (head)\n")
     for _ in range(2):
         again = runner.invoke(cli, ["db", "upgrade", "-c", config])
-        assert (again.exit_code, again.output) == (0, "the records schema is already at 0002\n")
+        assert (again.exit_code, again.output) == (0, "the records schema is already at 0003\n")
     assert current_revision(url) == head_revision()
 
 
@@ -136,8 +138,48 @@ def test_db_commands_on_a_new_database(tmp_path: Path) -> None:
     config = str(directory / "stampd.toml")
     current = runner.invoke(cli, ["db", "current", "-c", config])
     assert current.exit_code == 1
-    assert current.output == f"empty (this stampd needs 0002: run `stampd db upgrade -c {config}`)\n"
+    assert current.output == f"empty (this stampd needs 0003: run `stampd db upgrade -c {config}`)\n"
     assert not (directory / "records.sqlite3").exists()
     upgraded = runner.invoke(cli, ["db", "upgrade", "-c", config])
-    assert (upgraded.exit_code, upgraded.output) == (0, "the records schema is now at 0002 (was empty)\n")
+    assert (upgraded.exit_code, upgraded.output) == (0, "the records schema is now at 0003 (was empty)\n")
     assert (directory / "records.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_0003_keeps_the_tokens_and_the_trigger_and_goes_back(url: str) -> None:
+    """Revision 0003 (subscribers) on a database at 0002 with tokens: they stay, anonymous; the stopped-TSU
+    trigger survives the ADD COLUMN; and a downgrade to 0002 removes exactly what 0003 added."""
+
+    def migrate(step: object, revision: str) -> None:
+        engine = open_engine(url, create=True, pooled=False)
+        with engine.begin() as connection:
+            config = _config()
+            config.attributes["connection"] = connection
+            step(config, revision)  # type: ignore[operator]
+        engine.dispose()
+
+    migrate(command.upgrade, "0002")
+    database = url.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as db:
+        db.execute(
+            "INSERT INTO tokens (serial, gen_time, gen_time_us, tsu, policy, hash_oid, imprint, token) "
+            "VALUES ('1', 'g', 1, 'a', 'p', 'h', x'01', x'30')"
+        )
+    db.close()
+    assert upgrade(url) == "0003"
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT serial, subscriber FROM tokens").fetchall() == [("1", None)]
+        db.execute("INSERT INTO tsu_states (tsu, state, at_us) VALUES ('a', 'terminated', 1)")
+        with pytest.raises(sqlite3.IntegrityError, match="compromised or terminated"):
+            db.execute(
+                "INSERT INTO tokens (serial, gen_time, gen_time_us, tsu, policy, hash_oid, imprint, token) "
+                "VALUES ('2', 'g', 1, 'a', 'p', 'h', x'01', x'30')"
+            )
+    db.close()
+    migrate(command.downgrade, "0002")
+    with sqlite3.connect(database) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {r[1] for r in db.execute("PRAGMA table_info(tokens)")}
+    db.close()
+    assert not {"subscribers", "usage_counters"} & tables
+    assert "subscriber" not in columns
+    assert current_revision(url) == "0002"

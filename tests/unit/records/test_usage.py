@@ -1,0 +1,207 @@
+"""The usage ledger on SQLite: exact quotas and rates, releases, windows, and no token over quota when several
+processes and threads reserve at once; the billing report counts the granted tokens (issue 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, insert
+
+from stampd.access import Quota, Reservation, Subscriber
+from stampd.errors import TooManyRequests
+from stampd.records.migrate import upgrade
+from stampd.records.schema import tokens
+from stampd.records.usage import SqlUsageLedger, UsageRow, open_usage_ledger, usage_report
+
+NOW = 1_795_305_570_250_000
+"""2026-11-21T23:59:30.25Z"""
+S = 1_000_000
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'records.sqlite3'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def ledger(url: str) -> Iterator[SqlUsageLedger]:
+    ledger = SqlUsageLedger(url)
+    yield ledger
+    asyncio.run(ledger.close())
+
+
+async def attempts(ledger: SqlUsageLedger, subscriber: Subscriber, times: list[int]) -> list[Reservation | int]:
+    """Reserve once at each instant, one after the other: the reservation, or the Retry-After of a 429."""
+    outcomes: list[Reservation | int] = []
+    for now in times:
+        try:
+            outcomes.append(await ledger.reserve(subscriber, now))
+        except TooManyRequests as e:
+            outcomes.append(e.retry_after_s)
+    return outcomes
+
+
+def test_exact_quota_then_429_until_the_window_resets(ledger: SqlUsageLedger) -> None:
+    subscriber = Subscriber("alice", quotas=(Quota(3, "day"),))
+    outcomes = asyncio.run(attempts(ledger, subscriber, [NOW + i * S for i in range(5)]))
+    assert outcomes[:3] == [Reservation("alice", ("day:2026-11-21",))] * 3
+    assert outcomes[3:] == [27, 26]  # 26.75 s and 25.75 s until midnight UTC, rounded up
+    assert ledger.counts("alice") == {"day:2026-11-21": 3}  # refused requests counted nothing
+    next_day = asyncio.run(attempts(ledger, subscriber, [NOW + 30 * S]))
+    assert next_day == [Reservation("alice", ("day:2026-11-22",))]
+
+
+def test_exact_rate_per_second(ledger: SqlUsageLedger) -> None:
+    subscriber = Subscriber("bob", rate_per_s=2)
+    outcomes = asyncio.run(attempts(ledger, subscriber, [NOW, NOW + 1, NOW + 2, NOW + S]))
+    assert outcomes[2] == 1  # Retry-After at least 1 s
+    assert [o for o in outcomes if isinstance(o, Reservation)] == [
+        Reservation("bob", ("s:1795305570",)),
+        Reservation("bob", ("s:1795305570",)),
+        Reservation("bob", ("s:1795305571",)),
+    ]
+
+
+def test_a_full_rate_window_takes_nothing_from_the_quota(ledger: SqlUsageLedger) -> None:
+    """All counters or none: a request refused for its rate does not spend quota."""
+    subscriber = Subscriber("carol", quotas=(Quota(10, "month"), Quota(4, "total")), rate_per_s=2)
+    outcomes = asyncio.run(attempts(ledger, subscriber, [NOW] * 5))
+    assert [isinstance(o, Reservation) for o in outcomes] == [True, True, False, False, False]
+    assert ledger.counts("carol") == {"month:2026-11": 2, "total": 2, "s:1795305570": 2}
+    later = asyncio.run(attempts(ledger, subscriber, [NOW + S, NOW + S, NOW + 2 * S]))
+    assert later[:2] == [Reservation("carol", ("month:2026-11", "total", "s:1795305571"))] * 2
+    with pytest.raises(TooManyRequests, match="total quota spent") as spent:
+        asyncio.run(ledger.reserve(subscriber, NOW + 3 * S))
+    assert spent.value.retry_after_s == 86400
+
+
+def test_release_gives_the_token_back(ledger: SqlUsageLedger) -> None:
+    subscriber = Subscriber("dave", quotas=(Quota(1, "hour"),), rate_per_s=5)
+
+    async def scenario() -> None:
+        reservation = await ledger.reserve(subscriber, NOW)
+        with pytest.raises(TooManyRequests):
+            await ledger.reserve(subscriber, NOW)
+        await ledger.release(reservation)  # e.g. the TSU answered a rejection: not granted, not counted
+        await ledger.reserve(subscriber, NOW)
+        await ledger.release(reservation)
+        await ledger.release(reservation)  # never below zero
+        await ledger.release(Reservation("dave", ("hour:1999-01-01T00",)))  # a counter that is not there
+
+    asyncio.run(scenario())
+    assert ledger.counts("dave") == {"hour:2026-11-21T23": 0, "s:1795305570": 0}
+
+
+def test_a_subscriber_without_limits_touches_no_counter(ledger: SqlUsageLedger) -> None:
+    reservation = asyncio.run(ledger.reserve(Subscriber("free"), NOW))
+    assert reservation == Reservation("free", ())
+    asyncio.run(ledger.release(reservation))
+    assert ledger.counts("free") == {}
+
+
+def test_old_rate_windows_are_purged(url: str) -> None:
+    ledger = SqlUsageLedger(url)
+    subscriber = Subscriber("erin", quotas=(Quota(100, "day"),), rate_per_s=5)
+    asyncio.run(attempts(ledger, subscriber, [NOW, NOW + S, NOW + 120 * S]))
+    asyncio.run(ledger.close())  # waits for the purge
+    assert SqlUsageLedger(url).counts("erin") == {"day:2026-11-21": 2, "day:2026-11-22": 1, "s:1795305690": 1}
+
+
+def _hammer(url: str, subscriber: Subscriber, times: int, start: Any, granted: Any) -> None:
+    """One process: ``times`` concurrent reservations through its own ledger; puts how many were granted."""
+
+    async def run() -> int:
+        ledger = SqlUsageLedger(url)
+
+        async def one() -> bool:
+            try:
+                await ledger.reserve(subscriber, NOW)
+            except TooManyRequests:
+                return False
+            return True
+
+        granted = sum(await asyncio.gather(*(one() for _ in range(times))))
+        await ledger.close()
+        return granted
+
+    start.wait(10)
+    granted.put(asyncio.run(run()))
+
+
+@pytest.mark.parametrize(
+    ("subscriber", "counter"),
+    [
+        (Subscriber("busy", quotas=(Quota(37, "day"),)), "day:2026-11-21"),
+        (Subscriber("busy", rate_per_s=11), "s:1795305570"),
+    ],
+)
+def test_processes_and_threads_never_exceed_the_limit(url: str, subscriber: Subscriber, counter: str) -> None:
+    """4 processes x 25 concurrent reservations (4 ledger threads each) on one SQLite file: exactly the limit."""
+    limit = subscriber.quotas[0].limit if subscriber.quotas else subscriber.rate_per_s
+    context = multiprocessing.get_context("fork")
+    start, results = context.Event(), context.Queue()
+    processes = [context.Process(target=_hammer, args=(url, subscriber, 25, start, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    start.set()
+    granted = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(10)
+        assert process.exitcode == 0
+    assert sum(granted) == limit
+    assert SqlUsageLedger(url).counts("busy") == {counter: limit}
+
+
+def test_open_usage_ledger(url: str) -> None:
+    ledger = open_usage_ledger("records", url)
+    assert isinstance(ledger, SqlUsageLedger)
+    asyncio.run(ledger.close())
+    with pytest.raises(ValueError, match="unknown usage ledger 'memcached://x'"):
+        open_usage_ledger("memcached://x", url)
+
+
+def _token_row(serial: int, gen_time_us: int, tsu: str, subscriber: str | None) -> dict[str, object]:
+    return {
+        "serial": format(serial, "x"),
+        "gen_time": "20261121000000Z",
+        "gen_time_us": gen_time_us,
+        "tsu": tsu,
+        "policy": "1.2.3",
+        "hash_oid": "2.16.840.1.101.3.4.2.1",
+        "imprint": bytes(32),
+        "token": b"\x30\x00",
+        "subscriber": subscriber,
+    }
+
+
+def test_usage_report_counts_granted_tokens(url: str) -> None:
+    day = 86400 * S
+    start = 1_793_491_200 * S  # 2026-11-01T00:00:00Z
+    rows = [
+        _token_row(1, start - 1, "default", "alice"),  # October
+        _token_row(2, start, "default", "alice"),
+        _token_row(3, start + day, "default", "alice"),
+        _token_row(4, start + 2 * day, "gold", "alice"),
+        _token_row(5, start + 3 * day, "default", "bob"),
+        _token_row(6, start + 4 * day, "default", None),  # a public TSU's anonymous token is not billed
+        _token_row(7, start + 30 * day, "default", "bob"),  # December
+    ]
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(tokens), rows)
+    engine.dispose()
+    november = usage_report(url, start, start + 30 * day)
+    assert november == [
+        UsageRow("alice", "default", 2, start, start + day),
+        UsageRow("alice", "gold", 1, start + 2 * day, start + 2 * day),
+        UsageRow("bob", "default", 1, start + 3 * day, start + 3 * day),
+    ]
+    assert usage_report(url, start, start + 30 * day, "bob") == [november[2]]
+    assert usage_report(url, start, start + 30 * day, "nobody") == []
