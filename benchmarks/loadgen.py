@@ -5,6 +5,7 @@ request than the server it measures; whether it did is measured too (its own CPU
 when ``--server-pid`` is given), because a generator-bound number says nothing about the server.
 
 Usage: ``python benchmarks/loadgen.py http://127.0.0.1:8318/ --connections 64 --duration 10 --warmup 2``
+(``--header "Authorization: Bearer ..."`` for a TSU that serves subscribers only)
 """
 
 from __future__ import annotations
@@ -64,10 +65,16 @@ def build_request_der(digest: bytes, nonce: bytes) -> bytes:
     return _REQ_HEAD + digest + _REQ_MID + nonce + _REQ_TAIL
 
 
-def build_pool(count: int, host_header: str, path: str) -> list[bytes]:
-    """Pre-built HTTP requests with distinct random imprints and nonces, so the hot loop only writes bytes."""
+def build_pool(count: int, host_header: str, path: str, headers: tuple[str, ...] = ()) -> list[bytes]:
+    """Pre-built HTTP requests with distinct random imprints and nonces, so the hot loop only writes bytes.
+    ``headers`` ("Name: value") are sent with every request, e.g. the ``Authorization`` of a subscriber."""
+    for header in headers:
+        name, sep, _ = header.partition(":")
+        if not sep or not name.strip() or "\r" in header or "\n" in header:
+            raise ValueError(f"a header is one 'Name: value' line, not {header!r}")
+    extra = "".join(f"{h}\r\n" for h in headers)
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n{extra}"
         f"Content-Type: application/timestamp-query\r\nContent-Length: {REQUEST_LENGTH}\r\n\r\n"
     ).encode("ascii")
     rnd = os.urandom(40 * count)
@@ -216,6 +223,8 @@ class LoadConfig:
     server_pid: int | None = None
     server_cpus: tuple[int, ...] = ()
     """CPUs the server is pinned to; their total use shows whether anything else competed with it."""
+    headers: tuple[str, ...] = field(default=(), repr=False)
+    """Extra request headers ("Name: value"); not in the repr, since one may hold an API token."""
 
 
 @dataclass
@@ -419,7 +428,7 @@ def run_load(config: LoadConfig) -> LoadResult:
     if config.connections < 1 or config.pipeline < 1 or config.duration <= 0 or config.warmup < 0:
         raise ValueError("connections and pipeline must be >= 1, duration > 0, warmup >= 0")
     host_header = f"{config.host}:{config.port}"
-    pool = build_pool(config.pool, host_header, config.path)
+    pool = build_pool(config.pool, host_header, config.path, config.headers)
     gc.collect()
     gc.freeze()  # the pool is immortal: keep the collector from rescanning it during the run
     factory, loop_name = _loop_factory(config.use_uvloop)
@@ -529,6 +538,9 @@ def _parse_args(argv: list[str] | None) -> tuple[LoadConfig, str | None, list[in
     p.add_argument("--server-cpu", type=int, action="append", help="the server's pinned CPU (repeatable)")
     p.add_argument("--cpu", type=int, action="append", help="pin the generator to this CPU (repeatable)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument(
+        "-H", "--header", action="append", metavar="'NAME: VALUE'", help="send with every request (repeatable)"
+    )
     a = p.parse_args(argv)
     url = urlsplit(a.url)
     if url.scheme != "http" or not url.hostname:
@@ -546,6 +558,7 @@ def _parse_args(argv: list[str] | None) -> tuple[LoadConfig, str | None, list[in
         use_uvloop=not a.no_uvloop,
         server_pid=a.server_pid,
         server_cpus=tuple(a.server_cpu or ()),
+        headers=tuple(a.header or ()),
     )
     return config, a.json, a.cpu
 

@@ -4,7 +4,13 @@ For each key type: a fresh demo TSA (``stampd init``), ``stampd serve`` pinned t
 pinned to the other over keep-alive HTTP, then the raw signature rate of the same key in one Python process
 on the server's core, so that the tokens/raw ratio says how much the server costs beyond the signature.
 
-Usage: ``python benchmarks/run.py [--key-type ec-p256 --key-type rsa-3072] [--json FILE]``
+With ``--access subscribers`` the TSU serves subscribers only: the benchmark adds a subscriber with an API token
+and a quota too large to run out (and ``--rate`` if given), and every request carries its ``Authorization: Bearer``,
+so each token also costs a reservation in the usage ledger (``--ledger``). ``--access`` is repeatable: each key type
+is then measured once per access mode, one after the other.
+
+Usage: ``python benchmarks/run.py [--key-type ec-p256 --key-type rsa-3072] [--access public --access subscribers]
+[--ledger records|redis://HOST:PORT/DB] [--records postgresql://...] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +42,9 @@ from loadgen import LoadConfig, format_result, run_load
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519")
 DEFAULT_KEY_TYPES = ("ec-p256", "rsa-3072")
+ACCESS_MODES = ("public", "subscribers")
+BENCH_QUOTA = "1000000000/month"
+"""The benchmark subscriber's quota: counted on every request, never reached."""
 EC_P256_TARGET_TOKENS_PER_S = 3000.0
 RSA_3072_TARGET_RATIO = 0.80
 SIGNED_MESSAGE = os.urandom(200)
@@ -50,6 +60,8 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 @dataclass
 class KeyTypeResult:
     key_type: str
+    access: str
+    """``public``, or ``subscribers (<ledger>)``."""
     signature: str
     load: dict[str, Any]
     raw_signs_per_s: float
@@ -114,6 +126,41 @@ def stop(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.returncode
 
 
+def configure_records(cmd: list[str], config_path: Path, url: str) -> None:
+    """Point the TSA at the records database ``url`` (an existing database, e.g. PostgreSQL) and migrate it."""
+    text = config_path.read_text()
+    old = 'url = "sqlite:///records.sqlite3"'
+    if old not in text:
+        raise RuntimeError(f"{config_path}: no default records url to replace")
+    config_path.write_text(text.replace(old, f"url = {json.dumps(url)}", 1))
+    subprocess.run([*cmd, "db", "upgrade", "-c", str(config_path)], check=True, stdout=subprocess.DEVNULL)
+
+
+def configure_subscribers(
+    cmd: list[str], config_path: Path, ledger: str, quota: str, rate: int | None
+) -> tuple[str, str]:
+    """Make the TSU serve subscribers only, counted in ``ledger``, and add one subscriber with an API token, a
+    quota and optionally a rate; its name (unique, so runs can share a records database or a Redis) and token."""
+    text = config_path.read_text()
+    table = "[tsu.default]\n"
+    if table not in text:
+        raise RuntimeError(f"{config_path}: no [tsu.default] table")
+    text = text.replace(table, f'{table}access = "subscribers"\n', 1)
+    config_path.write_text(f"{text}\n[access]\nledger = {json.dumps(ledger)}\n")
+    name = f"bench-{secrets.token_hex(4)}"
+    limits = ["--quota", quota] + ([] if rate is None else ["--rate", f"{rate}/s"])
+    added = subprocess.run(
+        [*cmd, "subscribers", "add", name, "--token", *limits, "-c", str(config_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    token = added.stdout.strip().splitlines()[-1]
+    if not token.startswith("stampd_"):
+        raise RuntimeError(f"stampd subscribers add printed no API token:\n{added.stdout}")
+    return name, token
+
+
 def tsu_settings(config_path: Path) -> dict[str, Any]:
     """What the server signs with and where it records, read from the stampd.toml that init wrote."""
     conf = tomllib.loads(config_path.read_text())
@@ -121,7 +168,7 @@ def tsu_settings(config_path: Path) -> dict[str, Any]:
     tsu = conf.get("tsu", {}).get("default", {})
     key = tsu.get("key", {})
     url = str(conf.get("records", {}).get("url", "sqlite:///records.sqlite3"))
-    records = base / url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    records = base / url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     return {
         "key_path": base / key.get("path", "pki/tsu-key.pem"),
         "passphrase_path": base / key.get("passphrase_file", "secrets/tsu.pass"),
@@ -182,8 +229,11 @@ def raw_sign_rate(settings: dict[str, Any], key_type: str, seconds: float) -> tu
     return count / (now - start), name
 
 
-def count_records(path: Path | None) -> tuple[str, int | None]:
-    if path is None or not path.is_file():
+def count_records(path: Path | str) -> tuple[str, int | None]:
+    """The rows of the tokens table: of the SQLite file, or of the database at a URL (through SQLAlchemy)."""
+    if isinstance(path, str):
+        return count_records_at(path)
+    if not path.is_file():
         return "not checked (no SQLite records file)", None
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
@@ -192,6 +242,22 @@ def count_records(path: Path | None) -> tuple[str, int | None]:
             rows: int = db.execute("SELECT count(*) FROM tokens").fetchone()[0]
     except sqlite3.Error as e:
         return f"not checked ({e})", None
+    return "counted", rows
+
+
+def count_records_at(url: str) -> tuple[str, int | None]:
+    from sqlalchemy import create_engine, text  # noqa: PLC0415  (only for a records URL)
+
+    from stampd.records.engine import records_url  # noqa: PLC0415
+
+    engine = create_engine(records_url(url))
+    try:
+        with engine.connect() as db:
+            rows = int(db.execute(text("SELECT count(*) FROM tokens")).scalar_one())
+    except Exception as e:  # a measurement, not a check: say why it was not counted
+        return f"not checked ({type(e).__name__})", None
+    finally:
+        engine.dispose()
     return "counted", rows
 
 
@@ -205,10 +271,10 @@ def bar_verdict(key_type: str, tokens_per_s: float, ratio: float) -> str:
 
 
 def bench_key_type(
-    args: argparse.Namespace, key_type: str, server_cpu: int | None, client_cpu: int | None
+    args: argparse.Namespace, key_type: str, access: str, server_cpu: int | None, client_cpu: int | None
 ) -> KeyTypeResult:
     """One fresh TSA, one load run, one raw-signature run; the TSA directory is removed unless --keep."""
-    home = Path(tempfile.mkdtemp(prefix=f"stampd-bench-{key_type}-"))
+    home = Path(tempfile.mkdtemp(prefix=f"stampd-bench-{key_type}-{access}-"))
     tsa = home / "tsa"
     port = free_port()
     cmd = stampd_command()
@@ -218,7 +284,17 @@ def bench_key_type(
         stdout=subprocess.DEVNULL,
     )
     config_path = tsa / "stampd.toml"
+    if args.records:
+        configure_records(cmd, config_path, args.records)
+    headers: tuple[str, ...] = ()
+    label = "public"
+    if access == "subscribers":
+        name, token = configure_subscribers(cmd, config_path, args.ledger, args.quota, args.rate)
+        headers = (f"Authorization: Bearer {token}",)
+        label = f"subscribers ({args.ledger.split('://')[0]})"
+        print(f"[{key_type}] subscriber {name}: quota {args.quota}" + (f", rate {args.rate}/s" if args.rate else ""))
     settings = tsu_settings(config_path)
+    rows_before = count_records(settings["records"])[1] if isinstance(settings["records"], str) else 0
     log = home / "serve.log"
     notes: list[str] = []
 
@@ -245,16 +321,18 @@ def bench_key_type(
                 use_uvloop=not args.no_uvloop,
                 server_pid=proc.pid,
                 server_cpus=() if server_cpu is None else (server_cpu,),
+                headers=headers,
             )
         )
     finally:
         server_exit = stop(proc)
     if server_exit not in (0, -signal.SIGTERM):
         notes.append(f"stampd serve exited with {server_exit}:\n{tail(log)}")
-    print(f"\n[{key_type}] {format_result(load)}")
+    print(f"\n[{key_type}, {label}] {format_result(load)}")
 
     records, rows = count_records(settings["records"])
-    if rows is not None:
+    if rows is not None and rows_before is not None:
+        rows -= rows_before  # a shared database: only this run's
         received = load.tokens_received_total
         records = f"{rows} rows / {received} received: " + (
             "match" if rows == received else "MORE recorded than received" if rows > received else "MISSING RECORDS"
@@ -272,6 +350,7 @@ def bench_key_type(
         shutil.rmtree(home, ignore_errors=True)
     return KeyTypeResult(
         key_type=key_type,
+        access=label,
         signature=signature,
         load=load.to_dict(),
         raw_signs_per_s=raw,
@@ -286,7 +365,18 @@ def bench_key_type(
 
 
 def format_table(results: list[KeyTypeResult]) -> str:
-    header = ("key type", "tokens/s", "p50 ms", "p99 ms", "errors", "raw sign/s", "tokens/raw", "bar", "saturation")
+    header = (
+        "key type",
+        "access",
+        "tokens/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "raw sign/s",
+        "tokens/raw",
+        "bar",
+        "saturation",
+    )
     rows = [header]
     for r in results:
         load = r.load
@@ -298,6 +388,7 @@ def format_table(results: list[KeyTypeResult]) -> str:
         rows.append(
             (
                 r.key_type,
+                r.access,
                 f"{load['tokens_per_s']:,.0f}",
                 f"{load['latency_ms']['p50']:.1f}",
                 f"{load['latency_ms']['p99']:.1f}",
@@ -338,6 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-cpu", type=int, help="CPU for the load generator (default: second)")
     p.add_argument("--keep", action="store_true", help="keep each temporary TSA directory (records, logs)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--access", action="append", choices=ACCESS_MODES, help="public or subscribers, repeatable (default public)"
+    )
+    p.add_argument(
+        "--ledger", default="records", help="usage ledger of --access subscribers: records or redis://HOST:PORT/DB"
+    )
+    p.add_argument("--quota", default=BENCH_QUOTA, help=f"the subscriber's quota (default {BENCH_QUOTA})")
+    p.add_argument("--rate", type=int, help="the subscriber's rate limit per second (default none)")
+    p.add_argument("--records", metavar="URL", help="records database (an existing one, e.g. postgresql://...)")
     args = p.parse_args(argv)
 
     server_cpu, client_cpu = pick_cpus(args)
@@ -345,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for key_type in args.key_type or DEFAULT_KEY_TYPES:
-            results.append(bench_key_type(args, key_type, server_cpu, client_cpu))
+            for access in args.access or ("public",):
+                results.append(bench_key_type(args, key_type, access, server_cpu, client_cpu))
     finally:
         os.sched_setaffinity(0, original_affinity)
 
@@ -353,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     for r in results:
         for note in r.notes:
-            print(f"note [{r.key_type}]: {note}")
+            print(f"note [{r.key_type}, {r.access}]: {note}")
     if args.json:
         doc = {
             "command": ["benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)],

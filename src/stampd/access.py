@@ -263,32 +263,50 @@ def _unmapped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
     return address
 
 
+_IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
+
+
+def unmapped_network(network: Network) -> Network:
+    """A network of IPv4-mapped IPv6 addresses (``::ffff:192.0.2.0/120``) as the IPv4 network it is
+    (``192.0.2.0/24``): addresses are matched unmapped, so listed as mapped it would otherwise match nobody."""
+    if isinstance(network, IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_IPV4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 CACHE_SIZE = 4096
 """Basic credentials whose slow hash was checked, remembered per directory (a reload starts afresh)."""
 
 
 @dataclass(slots=True)
 class _VerifiedCache:
-    """SHA-256(user, password) of credentials whose slow hash matched: the slow hash runs once per credential."""
+    """The keys (:func:`_credential_key`) of credentials whose slow hash matched, oldest first: the slow hash runs
+    once per credential. Only successes enter, so wrong passwords cannot evict the subscribers' entries."""
 
     size: int
-    entries: dict[bytes, str] = field(default_factory=dict)
+    entries: dict[bytes, None] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def get(self, key: bytes) -> str | None:
+    def __contains__(self, key: bytes) -> bool:
         with self.lock:
-            return self.entries.get(key)
+            return key in self.entries
 
-    def put(self, key: bytes, basic_hash: str) -> None:
+    def add(self, key: bytes) -> None:
         with self.lock:
             if len(self.entries) >= self.size:
                 self.entries.pop(next(iter(self.entries)))
-            self.entries[key] = basic_hash
+            self.entries[key] = None
 
 
-def _credential_key(user: str, password: str) -> bytes:
+def _credential_key(basic_hash: str, user: str, password: str) -> bytes:
+    """HMAC-SHA256 of user and password keyed with the stored scrypt string: salted per subscriber, so what the
+    cache holds is no unsalted fast hash of a password to crack against precomputed tables, and a new password
+    hash (a password changed, even to the same text) never matches a check made against the old one."""
     user_bytes = user.encode("utf-8")
-    return hashlib.sha256(len(user_bytes).to_bytes(4, "big") + user_bytes + password.encode("utf-8")).digest()
+    message = len(user_bytes).to_bytes(4, "big") + user_bytes + password.encode("utf-8")
+    return hmac.new(basic_hash.encode("ascii", "replace"), message, hashlib.sha256).digest()
 
 
 _Key = TypeVar("_Key", bytes, str)
@@ -328,7 +346,8 @@ class SubscriberDirectory:
             _claim(self._by_user, subscriber.basic_user, subscriber, f"the basic user {subscriber.basic_user!r}")
         for fingerprint in subscriber.cert_sha256:
             _claim(self._by_cert, fingerprint, subscriber, f"the certificate with SHA-256 {fingerprint.hex()}")
-        for network in subscriber.networks:
+        for listed in subscriber.networks:
+            network = unmapped_network(listed)
             table = self._by_network.setdefault((network.version, network.prefixlen), {})
             other = table.get(int(network.network_address))
             if other is not None and other.name != subscriber.name:
@@ -352,7 +371,9 @@ class SubscriberDirectory:
             return False
         user, password = credentials.basic
         subscriber = self._by_user.get(user)
-        return subscriber is not None and self._cache.get(_credential_key(user, password)) != subscriber.basic_hash
+        if subscriber is None or subscriber.basic_hash is None:
+            return False
+        return _credential_key(subscriber.basic_hash, user, password) not in self._cache
 
     def identify(self, credentials: Credentials) -> Subscriber | None:
         """The subscriber these credentials identify, or None when none were presented and the address is in no
@@ -391,9 +412,8 @@ class SubscriberDirectory:
         subscriber = self._by_user.get(user)
         if subscriber is None or subscriber.basic_hash is None:
             raise Unauthorized("unknown user or wrong password")
-        key = _credential_key(user, password)
-        cached = self._cache.get(key)
-        if cached is not None and hmac.compare_digest(cached, subscriber.basic_hash):
+        key = _credential_key(subscriber.basic_hash, user, password)
+        if key in self._cache:
             return subscriber
         try:
             verified = verify_password(password, subscriber.basic_hash)
@@ -401,7 +421,7 @@ class SubscriberDirectory:
             verified = False
         if not verified:
             raise Unauthorized("unknown user or wrong password")
-        self._cache.put(key, subscriber.basic_hash)
+        self._cache.add(key)
         return subscriber
 
     def _by_address(self, text: str) -> Subscriber | None:

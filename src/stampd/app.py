@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -417,7 +418,7 @@ class _SubscriberAccess:
         assert self.ledger is not None
         self.directory = fresh
         app.replace_subscribers(fresh, self.ledger)
-        log.info("subscribers: %d loaded; quotas and rates counted in %s", len(fresh), self._ledger_spec)
+        log.info("subscribers: %d loaded; quotas and rates counted in %s", len(fresh), _ledger_shown(self._ledger_spec))
 
     async def watch(self, app: TimeStampApp) -> None:
         """Re-read the subscribers now and then (in a thread: the event loop keeps serving). The service cancels
@@ -438,6 +439,15 @@ class _SubscriberAccess:
                 self.store.close()
             if self.ledger is not None:
                 await self.ledger.close()
+
+
+def _ledger_shown(spec: str) -> str:
+    """Where quotas and rates are counted, for the log: a Redis URL's host, never the password it may carry."""
+    if spec == "records":
+        return "the records database"
+    scheme, _, rest = spec.partition("://")
+    location = urlsplit(spec).path if scheme == "unix" else rest.split("/", 1)[0].rpartition("@")[2]
+    return f"Redis at {location}"
 
 
 def _checkpoints(config: Config) -> tuple[CheckpointSigner, float] | None:

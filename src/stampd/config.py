@@ -340,7 +340,9 @@ def _network(t: _Table, key: str, text: str) -> IPv4Network | IPv6Network:
 def _access(t: _Table) -> AccessConfig:
     ledger = t.get("ledger", str, "records")
     if ledger != "records" and not ledger.startswith(("redis://", "rediss://", "unix://")):
-        raise t.error("ledger", f"expected 'records' or a redis:// URL, not {ledger!r}")
+        # Not repeated whole: a mistyped URL may still carry a password, and this message reaches logs and events.
+        shown = ledger.split(":", 1)[0][:20]
+        raise t.error("ledger", f"expected 'records' or a redis://, rediss:// or unix:// URL, not {shown!r}...")
     t.finish()
     return AccessConfig(ledger)
 

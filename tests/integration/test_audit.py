@@ -7,18 +7,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import LiveTsa, TsaFactory
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from psycopg import sql
 
 from stampd.der.request import encode_request
 from stampd.model import MessageImprint, TimeStampRequest, TokenRecord
@@ -28,9 +28,11 @@ from stampd.records.checkpoint import CheckpointSigner
 from stampd.records.migrate import upgrade
 from stampd.records.store import RecordStore
 
-pytestmark = pytest.mark.integration
+sys.path.insert(0, str(Path(__file__).parents[1]))
 
-ADMIN_URL = os.environ.get("STAMPD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+from recordstools import postgres_database
+
+pytestmark = pytest.mark.integration
 
 
 def _query(digest: bytes) -> bytes:
@@ -115,16 +117,8 @@ def test_kill_9_under_load_then_restart_leaves_intact_chains(tsa_factory: TsaFac
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    name = f"stampd_test_{secrets.token_hex(6)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
-    try:
-        host, port = base.get("host", "127.0.0.1"), base.get("port", 5432)
-        yield f"postgresql://{base.get('user', 'postgres')}@{host}:{port}/{name}"
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with postgres_database() as url:
+        yield url
 
 
 def test_audit_on_postgresql(pg_url: str) -> None:

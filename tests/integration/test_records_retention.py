@@ -1,17 +1,16 @@
 """Retention and archives end to end (issue "Evidence that scales", item 4) with the real command line:
-`stampd records purge` on SQLite and PostgreSQL leaves records that `stampd audit verify` accepts and in which
-tampering is still found; `stampd records export` of a live TSA's tokens passes `stampd records verify-archive`
-offline, and a flipped byte fails it; `stampd terminate --export` writes such an archive (SPEC OPS-08, OPS-09,
-OPS-11)."""
+`stampd records purge` (in steps of --batch-rows) on SQLite and PostgreSQL leaves records that `stampd audit
+verify` accepts and in which tampering is still found; `stampd records export` of a live TSA's tokens passes
+`stampd records verify-archive` offline, and a flipped byte fails it; `stampd terminate --export` writes such an
+archive (SPEC OPS-08, OPS-09, OPS-11)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
-import os
-import secrets
 import sqlite3
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import TsaFactory, run_stampd
-from psycopg import sql
 
 from stampd.app import create_app
 from stampd.config import load_config
@@ -30,24 +28,19 @@ from stampd.records.checkpoint import CheckpointSigner
 from stampd.records.store import RecordStore
 from stampd.signers.keyfile import load_encrypted_key, read_passphrase_file
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from recordstools import postgres_database
+
 pytestmark = pytest.mark.integration
 
-ADMIN_URL = os.environ.get("STAMPD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DAY_US = 86_400_000_000
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    name = f"stampd_test_{secrets.token_hex(6)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
-    try:
-        host, port = base.get("host", "127.0.0.1"), base.get("port", 5432)
-        yield f"postgresql://{base.get('user', 'postgres')}@{host}:{port}/{name}"
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with postgres_database() as url:
+        yield url
 
 
 def init_tsa(directory: Path, url: str | None = None) -> Path:
@@ -107,16 +100,16 @@ def audit_verify(config: Path) -> tuple[int, dict[str, object], str]:
 
 
 def purge_then_audit(config: Path, chain: str) -> None:
-    dry = json.loads(run_stampd("records", "purge", "-c", config, "--dry-run", "--json").stdout)
-    assert dry["purged"] == {"tokens": 3, "events": 2} and dry["event_chain"] is None
-    purged = json.loads(run_stampd("records", "purge", "-c", config, "--json").stdout)
-    assert purged["purged"] == {"tokens": 3, "events": 2}
+    dry = json.loads(run_stampd("records", "purge", "-c", config, "--dry-run", "--batch-rows", "2", "--json").stdout)
+    assert dry["purged"] == {"tokens": 3, "events": 2} and dry["event_chain"] is None and dry["steps"] == 3
+    purged = json.loads(run_stampd("records", "purge", "-c", config, "--batch-rows", "2", "--json").stdout)
+    assert purged["purged"] == {"tokens": 3, "events": 2} and purged["steps"] == 3
     assert purged["anchors"]["tokens"][chain][0] == 3
     status, report, errors = audit_verify(config)
     assert status == 0, (report, errors)
     chains = {(c["table"], c["chain"]): c for c in report["chains"]}  # type: ignore[attr-defined]
     assert chains[("tokens", chain)]["purged_through"] == 3 and chains[("tokens", chain)]["count"] == 1
-    assert chains[("events", purged["event_chain"])]["checkpointed_seq"] == 1  # the purge is signed
+    assert chains[("events", purged["event_chain"])]["checkpointed_seq"] == 3  # every step is signed
     again = json.loads(run_stampd("records", "purge", "-c", config, "--json").stdout)
     assert again["purged"] == {"tokens": 0, "events": 0} and again["anchors"] == purged["anchors"]
     assert audit_verify(config)[0] == 0
@@ -148,11 +141,11 @@ def test_purge_on_postgresql_keeps_the_audit_passing_and_tampering_visible(
     chain = fill_aged(config, monkeypatch)
     purge_then_audit(config, chain)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        detail = conn.execute("SELECT detail FROM events WHERE kind = 'records.purged' ORDER BY id").fetchone()
-        assert detail is not None
-        edited = json.loads(detail[0])
+        details = [d for (d,) in conn.execute("SELECT detail FROM events WHERE kind = 'records.purged' ORDER BY id")]
+        detail = next(d for d in details if json.loads(d)["anchors"].get("tokens", {}).get(chain, [0])[0] == 3)
+        edited = json.loads(detail)
         edited["anchors"]["tokens"][chain][0] = 2  # claim less was purged
-        conn.execute("UPDATE events SET detail = %s WHERE detail = %s", (json.dumps(edited), detail[0]))
+        conn.execute("UPDATE events SET detail = %s WHERE detail = %s", (json.dumps(edited), detail))
     status, report, _ = audit_verify(config)
     assert status == 1
     problems = report["problems"]

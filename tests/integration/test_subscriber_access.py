@@ -270,6 +270,21 @@ def test_ip_allow_lists_on_ipv4_and_ipv6_loopback(tsa_factory: TsaFactory, tmp_p
     assert {r for s, r in rows if s == "v4"} == {"127.0.0.1"}
 
 
+def test_x_forwarded_for_from_a_loopback_peer_that_is_no_trusted_proxy_is_ignored(tsa_factory: TsaFactory) -> None:
+    """No server.trusted_proxies: a local process claiming a subscriber's address in X-Forwarded-For is still
+    127.0.0.1. uvicorn's own proxy-header handling (which believes 127.0.0.1 and ::1 by default and would rewrite
+    the client address before stampd looks) is off, so only stampd's trusted_proxies decide."""
+
+    def prepare(t: LiveTsa) -> None:
+        add_subscriber(t, "faraway", "--ip", "192.0.2.7/32")
+        add_subscriber(t, "local", "--ip", "127.0.0.1/32")
+
+    tsa = tsa_factory("ec-p256", name="access-xff", config_edit=subscribers_only, before_start=prepare)
+    assert post(tsa, headers={"X-Forwarded-For": "192.0.2.7"}).granted
+    assert post(tsa, headers={"X-Forwarded-For": "192.0.2.7", "X-Forwarded-Proto": "https"}).granted
+    assert sqlite_rows(tsa, "SELECT subscriber, requester FROM tokens") == [("local", "127.0.0.1")] * 2
+
+
 def test_sighup_switches_a_tsu_between_public_and_subscribers(tsa_factory: TsaFactory) -> None:
     """`stampd reload` (SIGHUP) applies a TSU's new access: public, then subscribers only (the subscribers and the
     usage ledger are opened then), then public again."""

@@ -291,6 +291,40 @@ def test_the_slow_hash_runs_once_per_credential(directory: SubscriberDirectory) 
     assert not directory.needs_slow_check(Credentials(None, TOKEN_A, None))
 
 
+def test_a_network_listed_as_ipv4_mapped_ipv6_matches_its_ipv4_clients() -> None:
+    """A dual-stack socket shows an IPv4 client as ::ffff:a.b.c.d, and addresses are matched unmapped: a network
+    listed in that form is matched as the IPv4 network it is, whichever form the address arrives in."""
+    mapped = SubscriberDirectory([Subscriber("mapped", networks=(ip_network("::ffff:192.0.2.0/120"),))])
+    for address in ("192.0.2.77", "::ffff:192.0.2.77"):
+        assert name(mapped.identify(Credentials(address))) == "mapped"
+    assert mapped.identify(Credentials("192.0.3.1")) is None
+    with pytest.raises(ValueError, match="already used by subscriber mapped"):
+        SubscriberDirectory([*mapped.subscribers, Subscriber("plain", networks=(ip_network("192.0.2.0/24"),))])
+
+
+def test_the_password_cache_holds_only_salted_keys_tied_to_the_stored_hash(password_hash: str) -> None:
+    """What the cache keeps of a verified password is keyed with the subscriber's stored scrypt string: never an
+    unsalted fast hash of user and password (crackable against precomputed tables from a memory dump), and a new
+    hash of the same password (a reset, new salt) misses the entry made for the old one."""
+    good = Credentials(None, None, ("carol", PASSWORD))
+    first = SubscriberDirectory([Subscriber("basic", basic_user="carol", basic_hash=password_hash)])
+    first.identify(good)
+    (kept,) = first._cache.entries
+    user = b"carol"
+    unsalted = {
+        hashlib.sha256(PASSWORD.encode()).digest(),
+        hashlib.sha256(user + PASSWORD.encode()).digest(),
+        hashlib.sha256(len(user).to_bytes(4, "big") + user + PASSWORD.encode()).digest(),
+    }
+    assert kept not in unsalted
+    reset = SubscriberDirectory(
+        [Subscriber("basic", basic_user="carol", basic_hash=hash_password(PASSWORD, SALT[::-1]))]
+    )
+    assert reset.needs_slow_check(good)
+    reset.identify(good)
+    assert set(reset._cache.entries).isdisjoint({kept})
+
+
 def test_a_directory_refuses_an_identifier_claimed_twice() -> None:
     net = ip_network("10.0.0.0/8")
     with pytest.raises(ValueError, match=re.escape("the network 10.0.0.0/8 is already used by subscriber a")):

@@ -162,6 +162,15 @@ def test_tls_and_trusted_proxies_are_read(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, MINIMAL)).server.tls is None
 
 
+def test_a_mistyped_ledger_url_is_refused_without_repeating_its_password(tmp_path: Path) -> None:
+    """The error names the file and the field but not the value: a URL with a typo may still hold a password, and
+    a refused reload writes the message to the log and the events."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, '[access]\nledger = "redis:/stampd:hunter2@127.0.0.1/0"\n' + MINIMAL))
+    assert "stampd.toml: access.ledger: expected 'records' or a redis://" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -172,7 +181,7 @@ def test_tls_and_trusted_proxies_are_read(tmp_path: Path) -> None:
         ('[server]\ntrusted_proxies = ["10.0.0.0/33"]\n', "server.trusted_proxies: expected an address or CIDR"),
         ('[server]\ntrusted_proxies = ["10.0.0.1/8"]\n', "server.trusted_proxies: expected an address or CIDR"),
         ('[server]\ntrusted_proxies = "127.0.0.1"\n', "server.trusted_proxies: expected list"),
-        ('[access]\nledger = "memcached://x"\n', "access.ledger: expected 'records' or a redis:// URL"),
+        ('[access]\nledger = "memcached://x"\n', "access.ledger: expected 'records' or a redis://, rediss:// or"),
         ("[access]\nquota = 5\n", "access.quota: unknown setting"),
     ],
 )

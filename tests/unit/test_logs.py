@@ -30,6 +30,10 @@ from stampd.model import MessageImprint, TimeStampRequest
 from stampd.oids import SHA256
 from stampd.server.asgi import TimeStampApp
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from asgitools import call_app
+
 RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -154,25 +158,7 @@ def collected() -> Iterator[_Collect]:
 
 
 async def _call(app: TimeStampApp, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": method,
-        "path": path,
-        "headers": [(b"content-length", str(len(body)).encode()), *headers],
-        "client": ("192.0.2.7", 40000),
-        "scheme": "http",
-    }
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return int(sent[0]["status"])
+    return (await call_app(app, method, path, headers=headers, body=body, client=("192.0.2.7", 40000)))[0]
 
 
 def test_no_token_password_or_body_is_logged(tmp_path: Path, collected: _Collect) -> None:
@@ -258,3 +244,17 @@ def test_no_log_call_passes_a_secret() -> None:
         if secret_words.search(re.sub(r'"[^"]*"|\'[^\']*\'', "", match.group(1)))
     ]
     assert not offending, offending
+
+
+def test_the_usage_ledgers_redis_password_is_not_logged(tmp_path: Path, collected: _Collect) -> None:
+    """`[access] ledger` may be a Redis URL with a password: start-up names where quotas are counted (the host)
+    and never the password (the connection itself is made lazily, at the first reservation)."""
+    config = _demo(tmp_path)
+    password = "redis-" + secrets.token_hex(8)
+    text = config.read_text().replace("qualified = false\n", 'qualified = false\naccess = "subscribers"\n', 1)
+    config.write_text(text + f'\n[access]\nledger = "redis://stampd:{password}@127.0.0.1:6379/0"\n')
+    app = create_app(load_config(config))
+    assert app is not None
+    log = "\n".join(collected.lines)
+    assert "quotas and rates counted in Redis at 127.0.0.1:6379" in log
+    assert password not in log

@@ -4,8 +4,8 @@ records writable (issue 6, observability; SPEC OPS-03, OPS-05, OPS-06, OPS-09)."
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,10 @@ from stampd.records.migrate import upgrade
 from stampd.records.store import RecordStore
 from stampd.server.asgi import TimeStampApp
 
-ADMIN_URL = os.environ.get("STAMPD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from asgitools import call_app
+from recordstools import ADMIN_URL, postgres_database
 
 
 def _demo(tmp_path: Path) -> Path:
@@ -38,25 +41,7 @@ def _demo(tmp_path: Path) -> Path:
 
 
 async def _get(app: TimeStampApp, path: str, body: bytes = b"", method: str = "GET") -> tuple[int, bytes]:
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": method,
-        "path": path,
-        "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/timestamp-query")],
-        "client": ("127.0.0.1", 50000),
-        "scheme": "http",
-    }
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return int(sent[0]["status"]), b"".join(m.get("body", b"") for m in sent[1:])
+    return await call_app(app, method, path, headers=[(b"content-type", b"application/timestamp-query")], body=body)
 
 
 def _query() -> bytes:
@@ -197,16 +182,8 @@ def test_records_that_cannot_be_written_make_readyz_fail_until_they_can(
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    name = f"stampd_test_{secrets.token_hex(6)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
-    user, host, port = base.get("user", "postgres"), base.get("host", "127.0.0.1"), base.get("port", 5432)
-    try:
-        yield f"postgresql://{user}@{host}:{port}/{name}"
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with postgres_database() as url:
+        yield url
 
 
 def test_postgresql_probe_sees_a_read_only_database_and_its_recovery(pg_url: str) -> None:

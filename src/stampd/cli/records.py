@@ -14,9 +14,16 @@ import click
 from stampd.cli.options import config_option
 from stampd.config import Config, RecordsConfig, load_config
 from stampd.errors import ConfigError
-from stampd.records.archive import ArchiveCertificate, ArchiveReport, export_archive, iso, verify_archive
+from stampd.records.archive import (
+    ArchiveCertificate,
+    ArchiveReport,
+    ExportRequest,
+    export_archive,
+    iso,
+    verify_archive,
+)
 from stampd.records.checkpoint import CheckpointSigner, PublicKey, load_public_key
-from stampd.records.retention import CheckpointKey, PurgeResult, purge_records
+from stampd.records.retention import DEFAULT_BATCH_ROWS, CheckpointKey, PurgeResult, purge_records
 from stampd.signers.keyfile import load_encrypted_key, read_passphrase_file
 
 WHOLE_RANGE_US = (0, 253_370_764_800_000_000)  # [1970-01-01, 9999-01-01)
@@ -44,26 +51,37 @@ def _echo_purge(result: PurgeResult) -> None:
     counts = result.counts()
     verb = "would remove" if result.dry_run else "removed"
     click.echo(f"cut-off: {iso(result.cutoff_us)} (records.retention {result.retention_us / 86_400e6:g} days)")
-    click.echo(f"{verb}: {counts['tokens']} tokens, {counts['events']} events")
+    click.echo(f"{verb}: {counts['tokens']} tokens, {counts['events']} events, in {result.steps} steps")
     for cut in result.cuts:
         click.echo(f"  {cut.table} chain {cut.chain}: seq {cut.from_seq}-{cut.through_seq}")
     for table, kept in result.kept.items():
         if kept:
             click.echo(f"kept: {kept} older {table} recorded after a younger entry of their chain")
     if not result.dry_run:
-        click.echo(f"recorded: records.purged event in events chain {result.event_chain}")
-        if result.checkpoint_id is not None:
-            click.echo(f"checkpoint {result.checkpoint_id} signs it")
+        click.echo(
+            f"recorded: {result.steps} records.purged events in events chain {result.event_chain}; "
+            f"the longest step held the records for {result.longest_step_s * 1000:.0f} ms"
+        )
+        if result.checkpoint_ids:
+            click.echo(f"checkpoints {result.checkpoint_ids[0]}-{result.checkpoint_ids[-1]} sign them")
 
 
 @command.command("purge")
 @config_option
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_ROWS,
+    show_default=True,
+    help="Rows removed per transaction (step).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def purge(config_file: str, dry_run: bool, as_json: bool) -> None:
-    """Remove the tokens and events older than records.retention, in one transaction, recording the purge (with
-    the anchors that keep every chain verifiable) and, with records.checkpoint_key, signing it. On SQLite the
-    serving processes cannot commit tokens while it runs: run it often (daily), so each purge is small."""
+def purge(config_file: str, dry_run: bool, batch_rows: int, as_json: bool) -> None:
+    """Remove the tokens and events older than records.retention, in steps of at most --batch-rows rows, each its
+    own transaction that records itself (with the anchors that keep every chain verifiable) and, with
+    records.checkpoint_key, is signed. The serving processes go on committing between the steps: a purge can run
+    while they serve, and a purge that stops halfway leaves records that verify."""
     records = load_config(config_file).records
     result = purge_records(
         records.url,
@@ -71,6 +89,7 @@ def purge(config_file: str, dry_run: bool, as_json: bool) -> None:
         now_us=_now_us(),
         checkpoint=None if dry_run else checkpoint_key(records),
         dry_run=dry_run,
+        batch_rows=batch_rows,
     )
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "event_chain": result.event_chain, **result.detail()}, indent=2))
@@ -79,16 +98,21 @@ def purge(config_file: str, dry_run: bool, as_json: bool) -> None:
 
 
 def parse_instant(text: str, option: str) -> int:
-    """An ISO 8601 date or date-time (UTC when it names no zone), in microseconds since the epoch."""
+    """An ISO 8601 date or date-time (UTC when it names no zone), in microseconds since the epoch; within
+    [1970, 9999] (an archive's range is stored as such)."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise click.BadParameter(
-            f"expected an ISO 8601 date or time such as 2026-01-01, not {text!r}", param_hint=option
+            f"expected an ISO 8601 date or time such as 2026-01-01 or 2026-01-01T12:00:00+01:00, not {text!r}",
+            param_hint=option,
         ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    instant = (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    if not WHOLE_RANGE_US[0] <= instant <= WHOLE_RANGE_US[1]:
+        raise click.BadParameter(f"{text!r} is outside 1970-01-01 to 9999-01-01 (UTC)", param_hint=option)
+    return instant
 
 
 def archive_certificates(config: Config) -> list[ArchiveCertificate]:
@@ -117,16 +141,11 @@ def archive_certificates(config: Config) -> list[ArchiveCertificate]:
 
 def export_all(config: Config, target: Path) -> dict[str, Any]:
     """The archive of every record (`stampd terminate`); returns the counts."""
-    summary = export_archive(
-        config.records.url,
-        target,
-        from_us=WHOLE_RANGE_US[0],
-        to_us=WHOLE_RANGE_US[1],
-        certificates=archive_certificates(config),
-        checkpoint=checkpoint_key(config.records),
-        now_us=_now_us(),
-    )
-    return summary.counts
+    return export_archive(config.records.url, target, _export_request(config, *WHOLE_RANGE_US)).counts
+
+
+def _export_request(config: Config, from_us: int, to_us: int) -> ExportRequest:
+    return ExportRequest(from_us, to_us, archive_certificates(config), checkpoint_key(config.records), _now_us())
 
 
 @command.command("export")
@@ -139,17 +158,11 @@ def export(config_file: str, from_text: str, to_text: str, file: Path) -> None:
     anchors, checkpoints, certificates and trust anchors; check it with `stampd records verify-archive FILE`."""
     from_us, to_us = parse_instant(from_text, "--from"), parse_instant(to_text, "--to")
     if from_us >= to_us:
-        raise click.BadParameter("must be after --from", param_hint="--to")
+        raise click.BadParameter(
+            f"{iso(to_us)} is not after --from {iso(from_us)}: the range is [--from, --to)", param_hint="--to"
+        )
     config = load_config(config_file)
-    summary = export_archive(
-        config.records.url,
-        file,
-        from_us=from_us,
-        to_us=to_us,
-        certificates=archive_certificates(config),
-        checkpoint=checkpoint_key(config.records),
-        now_us=_now_us(),
-    )
+    summary = export_archive(config.records.url, file, _export_request(config, from_us, to_us))
     counts = summary.counts
     click.echo(
         f"{file}: {counts['tokens']} tokens, {counts['events']} events, {counts['checkpoints']} checkpoints, "

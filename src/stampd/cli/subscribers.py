@@ -1,5 +1,6 @@
 """`stampd subscribers`: the contracted clients in the records, how each is identified and what it may use
-(issue 6). Running servers pick the changes up when they reload (`stampd reload`)."""
+(issue 6). Running servers pick the changes up within 5 seconds (each re-reads the subscribers), or at once on
+`stampd reload`."""
 
 from __future__ import annotations
 
@@ -286,7 +287,7 @@ def _set_enabled(config_file: str, name: str, enabled: bool) -> None:
 @config_option
 @click.argument("name")
 def disable(config_file: str, name: str) -> None:
-    """Disable subscriber NAME: its requests get 403 once the servers reload (`stampd reload`)."""
+    """Disable subscriber NAME: its requests get 403 within 5 seconds (or at once on `stampd reload`)."""
     _set_enabled(config_file, name, False)
 
 

@@ -13,65 +13,67 @@ The file is a ZIP (ZIP64 where needed) with these members:
   range, every column, binary columns in hexadecimal, ordered by chain and seq;
 - ``segments.json``: each run of consecutive entries of one chain in the archive, with the prev_hash of its first
   entry and the entry hash of its last: the anchors its hash chain is verified from;
-- ``checkpoints.jsonl``: every checkpoint that signed an entry in a segment (or the entry just before one);
+- ``checkpoints.jsonl``: every checkpoint of the archive's checkpoint key that signed an entry in a segment (or the
+  entry just before one);
 - ``checkpoint-key.pem``: the checkpoint key's public key; ``certs/...pem``: each TSU's certificates and chain,
   and its trust anchor.
 
-:func:`verify_archive` checks, in order: the manifest and its signature, every member's hash, the checkpoints'
-signatures, each segment's hash chain and its boundaries, every checkpointed head that falls in a segment, and
-every token with :func:`stampd.verify.verify_timestamp` (chain to the archived trust anchors at genTime) and
-against its row (serial, genTime, imprint, hash algorithm, policy, nonce).
+:func:`verify_archive` checks, in order: that no member appears twice, the manifest and its signature, every
+member's hash, the checkpoints' signatures, the rows' order (chain, then seq), each segment's hash chain and its
+boundaries, every checkpointed head that falls in a segment, and every token with
+:func:`stampd.verify.verify_timestamp` (chain to the archived trust anchors at genTime) and against its row (serial,
+genTime, imprint, hash algorithm, policy, nonce). A corrupt or malformed file is a named problem, never an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import LargeBinary, Table, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.der.token_reader import is_bare_token, read_response, read_token
 from stampd.errors import ParseError, RecordingError, VerificationError
-from stampd.records.chain import GENESIS, event_entry_hash, token_entry_hash
+from stampd.records.chain import GENESIS
 from stampd.records.checkpoint import PublicKey, load_public_key, signature_valid, signed_bytes, spki_sha256
-from stampd.records.engine import open_engine, records_url
-from stampd.records.migrate import current_revision, head_revision
+from stampd.records.maintenance import (
+    CHAINED_TABLES,
+    ENTRY_HASHERS,
+    STREAM_ROWS,
+    TIME_COLUMN,
+    Findings,
+    open_at_head,
+)
 from stampd.records.retention import CheckpointKey
-from stampd.records.schema import checkpoints, events, tokens
+from stampd.records.schema import checkpoints
 from stampd.verify import verify_timestamp
 
 ARCHIVE_FORMAT = "stampd-archive-v1"
 MANIFEST = "manifest.json"
 MANIFEST_SIGNATURE = "manifest.sig"
 CHECKPOINT_KEY_MEMBER = "checkpoint-key.pem"
-STREAM_ROWS = 2000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TABLES: dict[str, Table] = {"tokens": tokens, "events": events}
-_TIME_COLUMN = {"tokens": "gen_time_us", "events": "at_us"}
-_HASHERS: dict[str, Callable[[bytes, str, int, Mapping[str, Any]], bytes]] = {
-    "tokens": token_entry_hash,
-    "events": event_entry_hash,
-}
 
 
 def _binary_columns(table: Table) -> frozenset[str]:
     return frozenset(c.name for c in table.columns if isinstance(c.type, LargeBinary))
 
 
-_BINARY = {name: _binary_columns(table) for name, table in _TABLES.items()}
+_BINARY = {name: _binary_columns(table) for name, table in CHAINED_TABLES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,40 +141,28 @@ def iso(us: int) -> str:
     return (_EPOCH + timedelta(microseconds=us)).isoformat()
 
 
-def export_archive(
-    url: str,
-    target: Path,
-    *,
-    from_us: int,
-    to_us: int,
-    certificates: list[ArchiveCertificate],
-    checkpoint: CheckpointKey | None,
-    now_us: int,
-) -> ExportSummary:
-    """Write the archive of ``[from_us, to_us)`` to ``target`` atomically: a temporary file in the same directory,
-    renamed into place only when complete; an existing ``target`` is never replaced."""
-    revision = current_revision(url)
-    if revision != head_revision():
-        raise RecordingError(f"the records schema is at {revision or 'empty'}, export needs {head_revision()}")
+@dataclass(frozen=True, slots=True)
+class ExportRequest:
+    """What to archive: the rows of ``[from_us, to_us)``, these certificates, signed with ``checkpoint`` (None:
+    unsigned), the manifest dated ``now_us``."""
+
+    from_us: int
+    to_us: int
+    certificates: list[ArchiveCertificate]
+    checkpoint: CheckpointKey | None
+    now_us: int
+
+
+def export_archive(url: str, target: Path, request: ExportRequest) -> ExportSummary:
+    """Write the archive to ``target`` atomically: a temporary file in the same directory, linked into place only
+    when complete; an existing ``target`` is never replaced."""
     if target.exists():
         raise RecordingError(f"{target} exists: an archive is never overwritten")
-    try:
-        engine = open_engine(url, create=False, pooled=False)
-    except (SQLAlchemyError, ImportError, OSError) as e:
-        shown = records_url(url).render_as_string(hide_password=True)
-        raise RecordingError(f"cannot open the records at {shown}: {e}") from e
+    engine = open_at_head(url, "export")
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            summary = _write(
-                engine,
-                archive,
-                from_us=from_us,
-                to_us=to_us,
-                certificates=certificates,
-                checkpoint=checkpoint,
-                now_us=now_us,
-            )
+            summary = _write(engine, archive, request)
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(temporary, 0o644)  # an archive holds no secret; it is meant to be handed over
@@ -186,16 +176,8 @@ def export_archive(
     return summary
 
 
-def _write(
-    engine: Any,
-    archive: zipfile.ZipFile,
-    *,
-    from_us: int,
-    to_us: int,
-    certificates: list[ArchiveCertificate],
-    checkpoint: CheckpointKey | None,
-    now_us: int,
-) -> ExportSummary:
+def _write(engine: Engine, archive: zipfile.ZipFile, request: ExportRequest) -> ExportSummary:
+    from_us, to_us, certificates, checkpoint = request.from_us, request.to_us, request.certificates, request.checkpoint
     members: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
     segments: list[_Segment] = []
@@ -208,12 +190,12 @@ def _write(
 
     member_writer = contextlib.contextmanager(member)
     with engine.connect() as conn:
-        for name, table in _TABLES.items():
-            time_column = table.c[_TIME_COLUMN[name]]
+        for name, table in CHAINED_TABLES.items():
+            time_column = table.c[TIME_COLUMN[name]]
             query = (
                 select(table)
                 .where(time_column >= from_us, time_column < to_us)
-                .order_by(table.c.chain, table.c.seq, time_column)
+                .order_by(table.c.chain.asc().nulls_first(), table.c.seq, time_column)
             )
             result = conn.execution_options(stream_results=True, yield_per=STREAM_ROWS).execute(query)
             count = 0
@@ -224,9 +206,12 @@ def _write(
                     _extend_segments(segments, name, row)
             counts[name] = count
         kept = 0
+        # Only the checkpoints of the key that signs the archive: one of an earlier checkpoint key could not be
+        # checked offline (its public key is not known here).
+        signer = None if checkpoint is None else checkpoint.signer.key_id
         with member_writer("checkpoints.jsonl") as out:
             for row in conn.execute(select(checkpoints).order_by(checkpoints.c.id)):
-                if _covers(json.loads(row.heads), segments):
+                if row.signer == signer and _covers(json.loads(row.heads), segments):
                     values = dict(row._mapping)
                     values["signature"] = bytes(values["signature"]).hex()
                     out.write(json.dumps(values, sort_keys=True).encode() + b"\n")
@@ -248,7 +233,7 @@ def _write(
         key_id = spki_sha256(checkpoint.public_key)
     manifest = {
         "format": ARCHIVE_FORMAT,
-        "created": iso(now_us),
+        "created": iso(request.now_us),
         "from": iso(from_us),
         "to": iso(to_us),
         "from_us": from_us,
@@ -291,7 +276,7 @@ def _covers(heads: Mapping[str, Any], segments: list[_Segment]) -> bool:
 
 
 @dataclass(slots=True)
-class ArchiveReport:
+class ArchiveReport(Findings):
     """What `stampd records verify-archive` found; ``problems[0]`` is the first bad item."""
 
     counts: dict[str, int] = field(default_factory=dict)
@@ -302,15 +287,9 @@ class ArchiveReport:
     manifest_signed: bool = False
     checkpoint_key_sha256: str | None = None
     range: tuple[str, str] | None = None
-    problems: list[str] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            "ok": self.ok,
             "range": list(self.range) if self.range else None,
             "counts": self.counts,
             "segments": self.segments,
@@ -318,7 +297,6 @@ class ArchiveReport:
             "signed_entries": self.signed_entries,
             "manifest_signed": self.manifest_signed,
             "checkpoint_key_sha256": self.checkpoint_key_sha256,
-            "problems": self.problems,
         }
 
 
@@ -326,18 +304,89 @@ class _Bad(Exception):
     """Stops the verification at an item that makes the rest meaningless (the manifest, a member's hash)."""
 
 
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+)
+"""What reading a corrupt ZIP raises: a bad header or CRC, a broken deflate stream, a truncated file, an unknown
+compression method or ZIP version, an encrypted member."""
+
+_MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+"""What a well-formed ZIP whose members are not what they claim may still raise somewhere (a manifest field of
+another type, a row that is not a row): the archive is bad, never the verifier's crash."""
+
+
 def verify_archive(path: Path, *, pinned_key: PublicKey | None = None) -> ArchiveReport:
     """Check the archive at ``path`` offline (see the module docstring). ``pinned_key``: the checkpoint key the
-    archive must be signed with (the archive's own key proves nothing by itself)."""
+    archive must be signed with (the archive's own key proves nothing by itself). Never raises for a bad file."""
     report = ArchiveReport()
+    verification: _Verification | None = None
     try:
         with zipfile.ZipFile(path) as archive:
-            _Verification(archive, report, pinned_key).run()
+            verification = _Verification(archive, report, pinned_key)
+            verification.run()
     except _Bad as e:
         report.problems.insert(0, str(e))
-    except (zipfile.BadZipFile, OSError) as e:
-        report.problems.insert(0, f"{path}: not a readable archive: {e}")
+    except _UNREADABLE as e:
+        where = f"{path}" if verification is None else f"{path}: {verification.reading}"
+        report.problems.insert(0, f"{where}: not a readable archive: {type(e).__name__}: {e}")
+    except _MALFORMED as e:
+        where = "the archive" if verification is None else verification.reading
+        report.problems.insert(0, f"{where}: malformed ({type(e).__name__}: {e})")
     return report
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_manifest(manifest: Any) -> None:
+    """The manifest's fields have the types the verification reads them as; else _Bad naming the field."""
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+        raise _Bad(f"{MANIFEST}: not a {ARCHIVE_FORMAT} manifest")
+    members = manifest.get("members")
+    well_formed = {
+        "members": isinstance(members, dict)
+        and all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and _is_int(v.get("size"))
+            for v in members.values()
+        ),
+        "counts": isinstance(manifest.get("counts"), dict) and all(_is_int(v) for v in manifest["counts"].values()),
+        "from_us": _is_int(manifest.get("from_us")),
+        "to_us": _is_int(manifest.get("to_us")),
+        "trust_anchors": _is_str_list(manifest.get("trust_anchors")),
+        "certificates": _is_str_list(manifest.get("certificates")),
+        "checkpoint_key_sha256": manifest.get("checkpoint_key_sha256") is None
+        or isinstance(manifest.get("checkpoint_key_sha256"), str),
+    }
+    for name, good in well_formed.items():
+        if not good:
+            raise _Bad(f"{MANIFEST}: {name} is missing or not of the expected type")
+
+
+def _heads(text: Any) -> dict[str, dict[str, tuple[int, str]]]:
+    """A checkpoint's signed heads, ``table -> chain -> (seq, entry hash hex)``; ValueError if malformed."""
+    heads = json.loads(text) if isinstance(text, str) else None
+    if not isinstance(heads, dict):
+        raise ValueError("heads is not a JSON object")
+    parsed: dict[str, dict[str, tuple[int, str]]] = {}
+    for table, chains in heads.items():
+        if not isinstance(chains, dict):
+            raise ValueError(f"heads of {table} are not an object")
+        for chain, mark in chains.items():
+            if not (isinstance(mark, list) and len(mark) == 2 and _is_int(mark[0]) and isinstance(mark[1], str)):
+                raise ValueError(f"the {table} head of chain {chain} is not [seq, entry hash]")
+            parsed.setdefault(table, {})[chain] = (mark[0], mark[1])
+    return parsed
 
 
 class _Verification:
@@ -349,36 +398,46 @@ class _Verification:
         self.key: PublicKey | None = None
         self.marks: dict[tuple[str, str], dict[int, list[tuple[int, str]]]] = {}
         self.segments: list[_Segment] = []
+        self.reading = MANIFEST
+        """The member being read, named when it turns out unreadable."""
 
     def problem(self, text: str) -> None:
         self.report.problems.append(text)
+
+    def read(self, member: str) -> bytes:
+        self.reading = member
+        return self.archive.read(member)
 
     def run(self) -> None:
         self.step1_manifest()
         self.step2_members()
         anchors, others = self.step3_certificates()
         self.step4_checkpoints()
-        for table in _TABLES:  # the order export writes them in, so segments compare in order
+        for table in CHAINED_TABLES:  # the order export writes them in, so segments compare in order
             self.step5_chain(table, anchors, others)
         self.step6_segments()
 
-    # 1. The manifest, its format and (with a checkpoint key) its signature.
+    # 1. Each member once, the manifest, its format and (with a checkpoint key) its signature.
     def step1_manifest(self) -> None:
+        names = self.archive.namelist()
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:  # readers differ on which copy they take: the archive must mean one thing
+                raise _Bad(f"{name}: appears twice in the archive")
+            seen.add(name)
         try:
-            data = self.archive.read(MANIFEST)
+            data = self.read(MANIFEST)
             manifest = json.loads(data)
         except (KeyError, ValueError) as e:
             raise _Bad(f"{MANIFEST}: missing or not JSON ({e})") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
-            raise _Bad(f"{MANIFEST}: not a {ARCHIVE_FORMAT} manifest")
+        _check_manifest(manifest)
         self.manifest = manifest
         self.report.range = (str(manifest.get("from")), str(manifest.get("to")))
-        self.report.counts = dict(manifest.get("counts", {}))
-        key_id = manifest.get("checkpoint_key_sha256")
-        names = set(self.archive.namelist())
+        self.report.counts = dict(manifest["counts"])
+        key_id = manifest["checkpoint_key_sha256"]
         if key_id is not None:
             try:
-                self.key = load_public_key(self.archive.read(CHECKPOINT_KEY_MEMBER))
+                self.key = load_public_key(self.read(CHECKPOINT_KEY_MEMBER))
             except (KeyError, ValueError) as e:
                 raise _Bad(f"{CHECKPOINT_KEY_MEMBER}: missing or not a public key ({e})") from e
             if spki_sha256(self.key) != key_id:
@@ -386,16 +445,16 @@ class _Verification:
             self.report.checkpoint_key_sha256 = key_id
         if self.pinned_key is not None and (key_id is None or key_id != spki_sha256(self.pinned_key)):
             raise _Bad(f"{MANIFEST}: not signed by the given checkpoint key (archive key: {key_id or 'none'})")
-        if MANIFEST_SIGNATURE in names or key_id is not None:
-            if self.key is None or MANIFEST_SIGNATURE not in names:
+        if MANIFEST_SIGNATURE in seen or key_id is not None:
+            if self.key is None or MANIFEST_SIGNATURE not in seen:
                 raise _Bad(f"{MANIFEST_SIGNATURE}: the manifest signature or its key is missing")
-            if not signature_valid(self.key, data, self.archive.read(MANIFEST_SIGNATURE)):
+            if not signature_valid(self.key, data, self.read(MANIFEST_SIGNATURE)):
                 raise _Bad(f"{MANIFEST_SIGNATURE}: the signature over {MANIFEST} does not verify (edited or forged)")
             self.report.manifest_signed = True
 
     # 2. Every member is listed, and its SHA-256 and size match.
     def step2_members(self) -> None:
-        listed: dict[str, Any] = self.manifest.get("members", {})
+        listed: dict[str, Any] = self.manifest["members"]
         present = set(self.archive.namelist()) - {MANIFEST, MANIFEST_SIGNATURE}
         unlisted = sorted(present - set(listed))
         if unlisted:
@@ -405,92 +464,107 @@ class _Verification:
                 raise _Bad(f"{name}: listed in the manifest but missing from the archive")
             digest = hashlib.sha256()
             size = 0
+            self.reading = name
             with self.archive.open(name) as f:
                 while block := f.read(1 << 20):
                     digest.update(block)
                     size += len(block)
-            if digest.hexdigest() != expected.get("sha256") or size != expected.get("size"):
+            if digest.hexdigest() != expected["sha256"] or size != expected["size"]:
                 raise _Bad(f"{name}: its SHA-256 or size is not the manifest's (the member was altered)")
 
     # 3. The certificates: trust anchors and the others (TSU certificates, intermediates).
     def step3_certificates(self) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
         loaded: dict[str, list[x509.Certificate]] = {"trust_anchors": [], "certificates": []}
         for role, certificates in loaded.items():
-            for name in self.manifest.get(role, []):
+            for name in self.manifest[role]:
                 try:
-                    certificates.extend(x509.load_pem_x509_certificates(self.archive.read(name)))
+                    certificates.extend(x509.load_pem_x509_certificates(self.read(name)))
                 except (KeyError, ValueError) as e:
                     self.problem(f"{name}: no readable certificate ({e})")
         if not loaded["trust_anchors"]:
             self.problem(f"{MANIFEST}: no trust anchor: the tokens cannot be verified")
         return loaded["trust_anchors"], loaded["certificates"]
 
-    # 4. The checkpoints' signatures; the heads they signed are compared with the entries in step 5.
+    # 4. The checkpoints' signatures, by the archive's checkpoint key; the heads they signed are compared with the
+    # entries in step 5.
     def step4_checkpoints(self) -> None:
         for number, values in self._lines("checkpoints.jsonl"):
             name = f"checkpoints.jsonl line {number} (checkpoint {values.get('id')})"
             if self.key is None:
                 self.problem(f"{name}: the archive has no checkpoint key to check it with")
                 return
+            if values.get("signer") != self.report.checkpoint_key_sha256:
+                self.problem(f"{name}: signed by another key (SPKI SHA-256 {values.get('signer')}), not the archive's")
+                continue
             try:
-                heads = json.loads(values["heads"])
-                valid = signature_valid(
-                    self.key, signed_bytes(int(values["at_us"]), heads), bytes.fromhex(values["signature"])
+                heads = _heads(values["heads"])
+                document = json.loads(values["heads"])
+                valid = _is_int(values["id"]) and signature_valid(
+                    self.key, signed_bytes(int(values["at_us"]), document), bytes.fromhex(values["signature"])
                 )
             except (KeyError, ValueError, TypeError):
                 valid = False
-                heads = {}
-            if not valid or values.get("signer") != self.report.checkpoint_key_sha256:
+            if not valid:
                 self.problem(f"{name}: the signature does not verify (edited or forged)")
                 continue
             self.report.checkpoints += 1
             for table, chains in heads.items():
                 for chain, (seq, entry_hash) in chains.items():
-                    self.marks.setdefault((table, chain), {}).setdefault(int(seq), []).append(
-                        (int(values["id"]), str(entry_hash))
-                    )
+                    self.marks.setdefault((table, chain), {}).setdefault(seq, []).append((values["id"], entry_hash))
 
-    # 5. Each chain segment links entry to entry, every checkpointed head in it matches, every row is in the
-    # range, and every token verifies and matches its row.
+    # 5. The rows are in order (chain, then seq), each chain segment links entry to entry, every checkpointed head
+    # in it matches, every row is in the range, and every token verifies and matches its row.
     def step5_chain(self, table: str, anchors: list[x509.Certificate], others: list[x509.Certificate]) -> None:
-        from_us, to_us = int(self.manifest.get("from_us", 0)), int(self.manifest.get("to_us", 0))
-        hasher = _HASHERS[table]
+        from_us, to_us = self.manifest["from_us"], self.manifest["to_us"]
+        hasher = ENTRY_HASHERS[table]
         current: _Segment | None = None
+        previous: tuple[str, int] | None = None
         pending_signed = 0
         count = 0
         for number, values in self._lines(f"{table}.jsonl"):
             count += 1
-            row = _decode_row(table, values)
+            try:
+                row = _decode_row(table, values)
+            except ValueError:
+                self.problem(f"{table}.jsonl line {number}: a binary column is not hexadecimal")
+                continue
             name = _row_name(table, number, row)
-            at = row.get(_TIME_COLUMN[table])
-            if not isinstance(at, int) or not from_us <= at < to_us:
+            at = row.get(TIME_COLUMN[table])
+            if not _is_int(at) or not from_us <= at < to_us:
                 self.problem(f"{name}: its time {at} is outside the archive's range")
             if table == "tokens":
                 self._check_token(name, row, anchors, others)
             chain, seq = row.get("chain"), row.get("seq")
             if chain is None:
+                if previous is not None:
+                    self.problem(f"{name}: an unchained row after the chained ones (rows out of order)")
                 continue
-            if not isinstance(seq, int):
-                self.problem(f"{name}: no seq")
+            if not isinstance(chain, str) or not _is_int(seq):
+                self.problem(f"{name}: no chain or seq")
                 continue
+            if previous is not None and (chain, seq) <= previous:
+                after = f"{table} chain {previous[0]} seq {previous[1]}"
+                self.problem(f"{name}: out of order or duplicated (after {after})")
+                continue
+            previous = (chain, seq)
             try:
                 recomputed = hasher(row["prev_hash"], chain, seq, row)
+                linked = row["prev_hash"].hex()
+                entry_hash = row["entry_hash"].hex()
             except (KeyError, TypeError, ValueError, AttributeError):
                 self.problem(f"{name}: not a complete {table} row")
                 continue
             if recomputed != row["entry_hash"]:
                 self.problem(f"{name}: edited (its fields no longer hash to its entry hash)")
             if current is not None and (current.chain, current.last_seq + 1) == (chain, seq):
-                if row["prev_hash"].hex() != current.entry_hash:
+                if linked != current.entry_hash:
                     self.problem(f"{name}: does not link to seq {current.last_seq} of its chain")
                 current.last_seq = seq
-                current.entry_hash = row["entry_hash"].hex()
+                current.entry_hash = entry_hash
             else:
-                if current is not None and current.chain == chain and seq <= current.last_seq:
-                    self.problem(f"{name}: out of order or duplicated (after seq {current.last_seq})")
                 self.report.signed_entries += pending_signed
                 pending_signed = 0
-                current = _Segment(table, chain, seq, row["prev_hash"].hex(), seq, row["entry_hash"].hex())
+                current = _Segment(table, chain, seq, linked, seq, entry_hash)
                 self.segments.append(current)
                 if seq == 1 and row["prev_hash"] != GENESIS:
                     self.problem(f"{name}: seq 1 does not follow the genesis hash")
@@ -510,20 +584,20 @@ class _Verification:
     def _check_token(
         self, name: str, row: Mapping[str, Any], anchors: list[x509.Certificate], others: list[x509.Certificate]
     ) -> None:
-        blob = row.get("token")
-        if not isinstance(blob, bytes):
-            self.problem(f"{name}: no token")
+        blob, imprint, nonce = row.get("token"), row.get("imprint"), row.get("nonce")
+        if not isinstance(blob, bytes) or not isinstance(imprint, bytes):
+            self.problem(f"{name}: no token or imprint")
             return
         try:
             token = read_token(blob) if is_bare_token(blob) else read_response(blob).token
-            nonce = None if row.get("nonce") is None else int(row["nonce"])
+            expected_nonce = None if nonce is None else int(nonce)
             verified = verify_timestamp(
                 blob,
-                digest=row.get("imprint"),
+                digest=imprint,
                 anchors=anchors,
                 extra_certs=others,
                 policy=row.get("policy"),
-                nonce=nonce,
+                nonce=expected_nonce,
             )
         except (ParseError, VerificationError, ValueError, TypeError) as e:
             self.problem(f"{name}: not a readable token: {e}")
@@ -541,6 +615,9 @@ class _Verification:
                 ("serial", format(tst.serial, "x") == row.get("serial")),
                 ("genTime", gen_us == row.get("gen_time_us")),
                 ("hash algorithm", tst.hash_oid == row.get("hash_oid")),
+                ("imprint", tst.digest == imprint),
+                ("policy", tst.policy == row.get("policy")),
+                ("nonce", tst.nonce == expected_nonce),
             )
             if not same
         ]
@@ -550,13 +627,15 @@ class _Verification:
     # 6. The segments found are the ones segments.json records (nothing dropped or added at their ends).
     def step6_segments(self) -> None:
         try:
-            recorded = json.loads(self.archive.read("segments.json"))
+            recorded = json.loads(self.read("segments.json"))
         except (KeyError, ValueError) as e:
             self.problem(f"segments.json: missing or not JSON ({e})")
             return
         found = [s.as_dict() for s in self.segments]
         self.report.segments = len(found)
-        if found != recorded:
+        if not isinstance(recorded, list) or not all(isinstance(s, dict) for s in recorded):
+            self.problem("segments.json: not a list of segments")
+        elif found != recorded:
             for mine, theirs in zip([*found, None], [*recorded, None], strict=False):
                 if mine != theirs:
                     self.problem(f"segments.json: records {_segment_text(theirs)}, the rows form {_segment_text(mine)}")
@@ -568,10 +647,11 @@ class _Verification:
         except KeyError:
             self.problem(f"{member}: missing")
             return
-        with io.TextIOWrapper(f, encoding="utf-8") as text:
-            for number, line in enumerate(text, 1):
+        self.reading = member
+        with f:
+            for number, line in enumerate(f, 1):
                 try:
-                    values = json.loads(line)
+                    values = json.loads(line.decode("utf-8"))
                 except ValueError:
                     self.problem(f"{member} line {number}: not JSON")
                     continue
@@ -589,4 +669,6 @@ def _row_name(table: str, number: int, row: Mapping[str, Any]) -> str:
 def _segment_text(segment: Mapping[str, Any] | None) -> str:
     if segment is None:
         return "nothing more"
-    return f"{segment['table']} chain {segment['chain']} seq {segment['first_seq']}-{segment['last_seq']}"
+    return (
+        f"{segment.get('table')} chain {segment.get('chain')} seq {segment.get('first_seq')}-{segment.get('last_seq')}"
+    )

@@ -18,7 +18,7 @@ wrong). Rows recorded before the chains existed (revision 0002) are counted as u
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,20 +28,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
-from stampd.records.chain import GENESIS, event_entry_hash, token_entry_hash
+from stampd.records.chain import GENESIS
 from stampd.records.checkpoint import PublicKey, signature_valid, signed_bytes, spki_sha256
-from stampd.records.engine import open_engine, records_url
-from stampd.records.migrate import current_revision, head_revision
+from stampd.records.maintenance import ENTRY_HASHERS, STREAM_ROWS, Findings, open_at_head, row_fields
 from stampd.records.retention import PURGED_EVENT, parse_anchors
 from stampd.records.schema import checkpoints, events, tokens
-
-STREAM_ROWS = 2000
-"""Rows fetched at a time while walking a chain: the audit's memory does not grow with the records."""
-
-_HASHERS: dict[str, Callable[[bytes, str, int, Mapping[str, Any]], bytes]] = {
-    "tokens": token_entry_hash,
-    "events": event_entry_hash,
-}
 
 
 @dataclass(slots=True)
@@ -72,25 +63,19 @@ class ChainReport:
 
 
 @dataclass(slots=True)
-class AuditReport:
+class AuditReport(Findings):
+    """Every problem, the chains' first bad entries included, and what was walked."""
+
     chains: list[ChainReport] = field(default_factory=list)
     unchained: dict[str, int] = field(default_factory=dict)
     checkpoints: int = 0
     """Checkpoints whose signature verified."""
-    problems: list[str] = field(default_factory=list)
-    """Every problem, the chains' first bad entries included."""
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            "ok": self.ok,
             "chains": [c.as_dict() for c in self.chains],
             "unchained": self.unchained,
             "checkpoints": self.checkpoints,
-            "problems": self.problems,
         }
 
 
@@ -122,17 +107,7 @@ class _Anchor:
 
 def audit_records(url: str, public_key: PublicKey | None) -> AuditReport:
     """Walk every chain of the records at ``url`` and check every checkpoint with ``public_key``."""
-    revision = current_revision(url)
-    if revision != head_revision():
-        raise RecordingError(
-            f"the records schema is at {revision or 'empty'}, the audit needs {head_revision()}: "
-            "run `stampd db upgrade`"
-        )
-    try:
-        engine = open_engine(url, create=False, pooled=False)
-    except (SQLAlchemyError, ImportError, OSError) as e:
-        shown = records_url(url).render_as_string(hide_password=True)
-        raise RecordingError(f"cannot open the records at {shown}: {e}") from e
+    engine = open_at_head(url, "the audit")
     try:
         report = AuditReport()
         signed = _checkpoints(engine, public_key, report)
@@ -229,12 +204,6 @@ def _identify(table: str, row: Any) -> str:
     return f"serial 0x{row.serial}" if table == "tokens" else f"event {row.kind}"
 
 
-def _fields(row: Any) -> dict[str, Any]:
-    """The row as the hash functions read it: binary columns as bytes (some drivers give memoryviews)."""
-    values = dict(row._mapping)
-    return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in values.items()}
-
-
 def _walk_table(
     engine: Engine,
     table: Table,
@@ -289,7 +258,7 @@ class _ChainWalk:
         self._engine = engine
         self._table = table
         self._report = report
-        self._hash = _HASHERS[table.name]
+        self._hash = ENTRY_HASHERS[table.name]
         self._marks = {m.seq: m for m in sorted(marks, key=lambda m: m.checkpoint)}
         self._prev = GENESIS
         self._anchor = anchor
@@ -320,7 +289,7 @@ class _ChainWalk:
         if r.problem is not None:
             return
         expected = r.head_seq + 1
-        fields = _fields(row)
+        fields = row_fields(row)
         seq = int(row.seq)
         if seq > expected:
             missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected}-{seq - 1}"

@@ -19,7 +19,16 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from stampd.access import AccessRule, Credentials, Subscriber, SubscriberDirectory, UsageLedger, authorize
+from stampd.access import (
+    AccessRule,
+    Credentials,
+    Reservation,
+    Subscriber,
+    SubscriberDirectory,
+    UsageLedger,
+    authorize,
+    unmapped_network,
+)
 from stampd.der.request import decode_request
 from stampd.errors import (
     FailureInfo,
@@ -76,6 +85,10 @@ FAIL_INFO_NAMES = {
 
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
+SLOW_CHECKS_AT_ONCE = 2
+"""At most this many password hashes (scrypt) run at once per process: wrong passwords cannot take more CPU and
+memory than that."""
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -129,6 +142,8 @@ class TimeStampApp:
         self._request_ids = _RequestIds()
         self._counters: dict[tuple[str, int, str], Any] = {}
         self._timers: dict[str, Any] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._slow_checks = asyncio.Semaphore(SLOW_CHECKS_AT_ONCE)
 
     @property
     def _units(self) -> dict[str, Responder]:
@@ -241,7 +256,8 @@ class TimeStampApp:
         subscribers = self._subscribers
         try:
             address, client_cert = self._caller(scope)
-            subscriber = await _identify(subscribers.directory, address, _header(scope, b"authorization"), client_cert)
+            authorization = _header(scope, b"authorization")
+            subscriber = await self._identify(subscribers.directory, address, authorization, client_cert)
             authorize(rule, subscriber)
         except Unauthorized:
             SUBSCRIBER_REFUSALS.labels(tsu=path, reason="unauthorized").inc()
@@ -254,18 +270,66 @@ class TimeStampApp:
         ledger = subscribers.ledger
         if ledger is None:
             raise RuntimeError("a subscribers-only TSU is served without a usage ledger")
+        # The reservation and the issuance run as tasks of their own, shielded: a request cancelled while they
+        # are under way (a server that cancels on disconnect, a shutdown past its grace period) leaves them to
+        # finish, and their outcome alone decides whether the reservation is given back. Released on
+        # cancellation, a token recorded anyway would go uncounted; kept, a request that got nothing would count.
+        reserving = asyncio.ensure_future(ledger.reserve(subscriber, time.time_ns() // 1000))
         try:
-            reservation = await ledger.reserve(subscriber, time.time_ns() // 1000)
+            reservation = await asyncio.shield(reserving)
         except TooManyRequests as e:
             SUBSCRIBER_REFUSALS.labels(tsu=path, reason=_over_limit_reason(e)).inc()
             raise
-        reply: Reply | None = None
+        except asyncio.CancelledError:
+            reserving.add_done_callback(lambda done: self._settle(ledger, done, None))
+            raise
+        issuing = asyncio.ensure_future(unit.respond(request, address, subscriber.name))
         try:
-            reply = await unit.respond(request, address, subscriber.name)
-        finally:
-            if reply is None or not reply.granted:
-                await _release(ledger, reservation)
+            reply = await asyncio.shield(issuing)
+        except asyncio.CancelledError:
+            issuing.add_done_callback(lambda done: self._settle(ledger, reservation, done))
+            raise
+        except BaseException:
+            await asyncio.shield(_release(ledger, reservation))
+            raise
+        if not reply.granted:
+            await asyncio.shield(_release(ledger, reservation))
         return reply
+
+    def _settle(
+        self,
+        ledger: UsageLedger,
+        reserved: Reservation | asyncio.Future[Reservation],
+        issued: asyncio.Future[Reply] | None,
+    ) -> None:
+        """After a cancelled request: give back its reservation (once it is known) unless a token was granted."""
+        if isinstance(reserved, asyncio.Future):
+            if reserved.cancelled() or reserved.exception() is not None:
+                return  # nothing was reserved
+            reserved = reserved.result()
+        if issued is not None and not issued.cancelled() and issued.exception() is None and issued.result().granted:
+            return
+        releasing = asyncio.ensure_future(_release(ledger, reserved))
+        self._releasing.add(releasing)  # the loop keeps only a weak reference to a task
+        releasing.add_done_callback(self._releasing.discard)
+
+    async def _identify(
+        self,
+        directory: SubscriberDirectory | None,
+        address: str | None,
+        authorization: bytes,
+        client_cert_der: bytes | None,
+    ) -> Subscriber | None:
+        """The subscriber these credentials name. A slow password hash runs in a thread, off the event loop, and
+        at most :data:`SLOW_CHECKS_AT_ONCE` at a time: each takes tens of ms of CPU and 32 MiB, and anyone who
+        knows a basic user's name can ask for one per request with wrong passwords."""
+        credentials = Credentials.from_authorization(address, authorization, client_cert_der)
+        if directory is None:
+            return None
+        if directory.needs_slow_check(credentials):
+            async with self._slow_checks:
+                return await asyncio.to_thread(directory.identify, credentials)
+        return directory.identify(credentials)
 
     def _requester(self, scope: Scope) -> str | None:
         """The client's address, as recorded with its token: from a trusted proxy, the one it forwarded."""
@@ -273,7 +337,7 @@ class TimeStampApp:
         address: str | None = client[0] if client else None
         trusted = self._is_trusted_proxy
         if trusted is not None and address is not None and trusted(address):
-            forwarded = _header(scope, b"x-forwarded-for")
+            forwarded = _joined_header(scope, b"x-forwarded-for")
             if forwarded:
                 return _forwarded_client(forwarded, trusted)
         return address
@@ -371,6 +435,12 @@ def _header(scope: Scope, name: bytes) -> bytes:
     return b""
 
 
+def _joined_header(scope: Scope, name: bytes) -> bytes:
+    """Every ``name`` header line, joined in order with commas, as RFC 9110 §5.3 defines a repeated list header:
+    a proxy may add its own ``X-Forwarded-For`` line after the client's (HAProxy's ``option forwardfor``)."""
+    return b",".join(bytes(value) for key, value in scope["headers"] if key == name)
+
+
 class _RequestIds:
     """Request ids: a sane ``X-Request-Id`` from the client (at most 64 of ``[A-Za-z0-9._-]``), else this
     process's random prefix and a counter (unique across processes and restarts without coordination)."""
@@ -386,25 +456,13 @@ class _RequestIds:
         return f"{self._prefix}-{next(self._counter):x}"
 
 
-async def _identify(
-    directory: SubscriberDirectory | None, address: str | None, authorization: bytes, client_cert_der: bytes | None
-) -> Subscriber | None:
-    """The subscriber these credentials name; a slow password hash runs in a thread, off the event loop."""
-    credentials = Credentials.from_authorization(address, authorization, client_cert_der)
-    if directory is None:
-        return None
-    if directory.needs_slow_check(credentials):
-        return await asyncio.to_thread(directory.identify, credentials)
-    return directory.identify(credentials)
-
-
 def _over_limit_reason(e: TooManyRequests) -> str:
     """``rate`` or ``quota``, for the refusals metric (subscriber names hold no ':' or space, so the ledger's
     message "subscriber NAME: rate limit N/s reached..." cannot be mistaken)."""
     return "rate" if ": rate limit " in str(e) else "quota"
 
 
-async def _release(ledger: UsageLedger, reservation: Any) -> None:
+async def _release(ledger: UsageLedger, reservation: Reservation) -> None:
     """Give back the unit of quota of a request that got no token; a failure here only over-counts (never lets
     a subscriber past its quota), so it is logged rather than raised."""
     try:
@@ -414,7 +472,9 @@ async def _release(ledger: UsageLedger, reservation: Any) -> None:
 
 
 def _address_matcher(networks: tuple[Network, ...]) -> Callable[[str], bool]:
-    """Whether an address lies in one of ``networks`` (cached: the peers of a server are few)."""
+    """Whether an address lies in one of ``networks`` (cached: the peers of a server are few); IPv4 clients match
+    whether their network is listed as IPv4 or as IPv4-mapped IPv6."""
+    unmapped = tuple(unmapped_network(network) for network in networks)
 
     @lru_cache(maxsize=4096)
     def matches(address: str) -> bool:
@@ -424,7 +484,7 @@ def _address_matcher(networks: tuple[Network, ...]) -> Callable[[str], bool]:
             return False
         if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is not None:
             parsed = parsed.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
-        return any(parsed in network for network in networks)
+        return any(parsed in network for network in unmapped)
 
     return matches
 

@@ -24,6 +24,23 @@ LOG_CONFIG: dict[str, Any] = log_config("json")
 uvicorn applies again in every worker process): JSON lines, the default ``[server] log_format``."""
 
 
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+    )
+)
+"""The TLS 1.2 cipher suites offered (TLS 1.3's are all sound): forward secrecy and AEAD only, Mozilla's
+"intermediate" list. Set explicitly, because older uvicorn releases default to OpenSSL's "TLSv1" list (CBC with
+SHA-1, anonymous and NULL suites)."""
+
+
 def serve(config: Config, app: TimeStampApp, *, host: str, port: int, workers: int) -> None:
     """Serve until SIGINT/SIGTERM.
 
@@ -38,6 +55,9 @@ def serve(config: Config, app: TimeStampApp, *, host: str, port: int, workers: i
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
+        # stampd reads X-Forwarded-For itself, only from server.trusted_proxies (TimeStampApp). uvicorn's own
+        # handling would otherwise rewrite the client address first, believing any loopback peer by default.
+        "proxy_headers": False,
         "timeout_keep_alive": max(1, round(config.server.request_timeout_s)),
         "log_config": log_config(config.server.log_format),
     }
@@ -58,7 +78,12 @@ def tls_options(tls: TlsConfig | None) -> dict[str, Any]:
     """
     if tls is None:
         return {}
-    options: dict[str, Any] = {"ssl_certfile": str(tls.certificate), "ssl_keyfile": str(tls.key)}
+    options: dict[str, Any] = {
+        "ssl_certfile": str(tls.certificate),
+        "ssl_keyfile": str(tls.key),
+        "ssl_version": ssl.PROTOCOL_TLS_SERVER,  # TLS 1.2 at least (Python's minimum for it), TLS 1.3 preferred
+        "ssl_ciphers": TLS12_CIPHERS,
+    }
     password = None
     if tls.key_passphrase_file is not None:
         try:

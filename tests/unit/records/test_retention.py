@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sqlite3
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +20,27 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from stampd.config import _records, _Table
 from stampd.errors import ConfigError, RecordingError
 from stampd.model import TokenRecord
+from stampd.records import retention
 from stampd.records.audit import AuditReport, audit_records
 from stampd.records.chain import GENESIS, event_entry_hash
 from stampd.records.checkpoint import CheckpointSigner
+from stampd.records.engine import BUSY_TIMEOUT_MS
 from stampd.records.migrate import upgrade
-from stampd.records.retention import CheckpointKey, cut_through, parse_anchors, purge_records
+from stampd.records.retention import (
+    PURGED_EVENT,
+    CheckpointKey,
+    Piece,
+    PurgeResult,
+    cut_through,
+    parse_anchors,
+    plan_steps,
+    purge_records,
+)
 from stampd.records.store import RecordStore
+
+sys.path.insert(0, str(Path(__file__).parents[2]))
+
+from recordstools import chained_tokens, insert_tokens
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 CHECKPOINT = CheckpointKey(CheckpointSigner(KEY), KEY.public_key())
@@ -246,7 +264,7 @@ def test_without_a_checkpoint_key_a_purge_is_accepted_from_its_intact_event(
     asyncio.run(record_all())
     store.close()
     result = purge_records(url, retention_us=10 * DAY_US, now_us=NOW_US, checkpoint=None)
-    assert result.checkpoint_id is None and result.counts()["tokens"] == 2
+    assert result.checkpoint_ids == [] and result.counts()["tokens"] == 2
     report = audit(url, with_key=False)
     assert report.ok, report.problems
     with db(path) as conn:
@@ -275,5 +293,159 @@ def test_each_chain_is_cut_on_its_own(two_stores: tuple[RecordStore, RecordStore
     result = purge_records(url, retention_us=10 * DAY_US, now_us=NOW_US, checkpoint=CHECKPOINT)
     assert [(c.chain, c.from_seq, c.through_seq) for c in result.cuts] == [(a.chain_id, 1, 2)]
     assert result.kept["tokens"] == 1
+    report = audit(url)
+    assert report.ok, report.problems
+
+
+def test_plan_steps_bounds_every_step() -> None:
+    pieces = [Piece("tokens", "a", 1, 7), Piece("events", "b", 4, 2), Piece("tokens", None, 0, 4)]
+    assert plan_steps(pieces, 5) == [
+        [Piece("tokens", "a", 1, 5)],
+        [Piece("tokens", "a", 6, 2), Piece("events", "b", 4, 2), Piece("tokens", None, 0, 1)],
+        [Piece("tokens", None, 0, 3)],
+    ]
+    assert plan_steps([], 5) == [[]]  # a purge that removes nothing is still recorded
+    with pytest.raises(ValueError):
+        plan_steps(pieces, 0)
+
+
+def purge_events(path: Path) -> list[tuple[str, int, dict[str, object]]]:
+    with db(path) as conn:
+        query = "SELECT chain, seq, detail FROM events WHERE kind = ? ORDER BY id"
+        rows = conn.execute(query, (PURGED_EVENT,)).fetchall()
+    return [(chain, seq, json.loads(detail)) for chain, seq, detail in rows]
+
+
+def test_a_purge_runs_in_bounded_steps_each_recorded_and_signed_ops_09(
+    url: str, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """25 old tokens and 2 old events, 10 rows a step: 3 transactions, each a records.purged event (seq 1-3 of one
+    events chain) carrying every anchor so far and signed by its own checkpoint; the audit passes."""
+    monkeypatch.setattr(retention, "STEP_PAUSE_S", 0.0)
+    chain = fill(url, [30 - i * 0.5 for i in range(25)] + [1], monkeypatch)
+    result = purge_records(url, retention_us=10 * DAY_US, now_us=NOW_US, checkpoint=CHECKPOINT, batch_rows=10)
+    assert result.counts() == {"tokens": 25, "events": 2}
+    assert result.steps == 3 and len(result.checkpoint_ids) == 3
+    recorded = purge_events(path)
+    assert [(c, s) for c, s, _ in recorded] == [(result.event_chain, seq) for seq in (1, 2, 3)]
+    assert [d["purged"] for _, _, d in recorded] == [
+        {"tokens": 10, "events": 0},
+        {"tokens": 10, "events": 0},
+        {"tokens": 5, "events": 2},
+    ]
+    assert [d["anchors"]["tokens"][chain][0] for _, _, d in recorded] == [10, 20, 25]  # type: ignore[index]
+    assert "events" not in recorded[1][2]["anchors"]  # not cut yet
+    assert [d["step"] for _, _, d in recorded] == [1, 2, 3] and recorded[0][2]["steps"] == 3
+    with db(path) as conn:
+        assert [s for (s,) in conn.execute("SELECT seq FROM tokens ORDER BY seq")] == [26]
+    report = audit(url)
+    assert report.ok, report.problems
+    purge_chain = next(c for c in report.chains if c.chain == result.event_chain)
+    assert (purge_chain.head_seq, purge_chain.checkpointed_seq) == (3, 3)
+
+
+class FailingSigner(CheckpointSigner):
+    """Signs ``good`` checkpoints, then fails: a purge that stops between two steps."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__(KEY)
+        self.good = good
+
+    def sign(self, data: bytes) -> bytes:
+        if self.good == 0:
+            raise OSError("the disk went away")
+        self.good -= 1
+        return super().sign(data)
+
+
+def test_a_purge_stopped_between_steps_leaves_verifiable_records_and_the_next_finishes(
+    url: str, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "STEP_PAUSE_S", 0.0)
+    chain = fill(url, [30 - i * 0.5 for i in range(25)] + [1], monkeypatch)
+    with pytest.raises(OSError, match="disk went away"):
+        purge_records(
+            url,
+            retention_us=10 * DAY_US,
+            now_us=NOW_US,
+            checkpoint=CheckpointKey(FailingSigner(good=2), KEY.public_key()),
+            batch_rows=10,
+        )
+    with db(path) as conn:  # steps 1 and 2 committed whole; step 3 not at all
+        assert conn.execute("SELECT min(seq), count(*) FROM tokens").fetchone() == (21, 6)
+        assert conn.execute("SELECT count(*) FROM events WHERE chain = ?", (chain,)).fetchone() == (2,)
+    assert [d["step"] for _, _, d in purge_events(path)] == [1, 2]
+    report = audit(url)
+    assert report.ok, report.problems
+
+    finished = purge_records(url, retention_us=10 * DAY_US, now_us=NOW_US, checkpoint=CHECKPOINT, batch_rows=10)
+    assert finished.counts() == {"tokens": 5, "events": 2} and finished.steps == 1
+    assert finished.anchors["tokens"][chain][0] == 25
+    report = audit(url)
+    assert report.ok, report.problems
+
+
+def test_a_purge_never_deletes_a_younger_row_nor_leaves_a_chain_broken(
+    url: str, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three chains of tokens with ages in random order, purged in small steps: every row removed was older than
+    the cut-off, every chain keeps a contiguous suffix that still starts at its anchor."""
+    monkeypatch.setattr(retention, "STEP_PAUSE_S", 0.0)
+    rng = random.Random(7)
+    ages: dict[str, list[float]] = {c: [rng.uniform(0, 40) for _ in range(40)] for c in ("x", "y", "z")}
+    ages["x"].sort(reverse=True)  # oldest first, as a chain usually is
+    for i, (chain, chain_ages) in enumerate(ages.items()):
+        gen_times = [NOW_US - int(a * DAY_US) for a in chain_ages]
+        insert_tokens(path, chained_tokens(chain, gen_times, first_serial=1000 * (i + 1)))
+    cutoff = NOW_US - 20 * DAY_US
+    result = purge_records(url, retention_us=20 * DAY_US, now_us=NOW_US, checkpoint=CHECKPOINT, batch_rows=7)
+    with db(path) as conn:
+        query = "SELECT seq FROM tokens WHERE chain = ? ORDER BY seq"
+        left = {c: [s for (s,) in conn.execute(query, (c,))] for c in ages}
+    for chain, chain_ages in ages.items():
+        first_young = next((i for i, a in enumerate(chain_ages) if NOW_US - int(a * DAY_US) >= cutoff), None)
+        purged = len(chain_ages) if first_young is None else first_young
+        assert left[chain] == list(range(purged + 1, len(chain_ages) + 1)), chain
+        assert all(NOW_US - int(a * DAY_US) < cutoff for a in chain_ages[:purged])
+    assert result.counts()["tokens"] == sum(len(a) for a in ages.values()) - sum(len(v) for v in left.values())
+    report = audit(url)
+    assert report.ok, report.problems
+
+
+def test_a_purge_never_holds_a_serving_process_back_ops_09(url: str, path: Path) -> None:
+    """A serving process waits BUSY_TIMEOUT_MS (200 ms) for the write lock before it refuses the token: a purge of
+    120,000 rows on SQLite (one transaction held the lock for about 0.4 s) must let every commit through quickly."""
+    insert_tokens(path, chained_tokens("bulk", [NOW_US - 30 * DAY_US + i for i in range(120_000)], 10**9))
+    store = RecordStore(url)
+    outcome: list[PurgeResult | BaseException] = []
+
+    def purge() -> None:
+        try:
+            outcome.append(purge_records(url, retention_us=10 * DAY_US, now_us=NOW_US, checkpoint=CHECKPOINT))
+        except BaseException as e:  # handed to the test's thread
+            outcome.append(e)
+
+    async def serve(purging: threading.Thread) -> tuple[int, list[str], float]:
+        issued, failures, longest = 0, [], 0.0
+        purging.start()
+        while purging.is_alive():
+            started = time.monotonic()
+            try:
+                await store.record(record(issued + 1, NOW_US + issued))
+            except RecordingError as e:
+                failures.append(str(e))
+            longest = max(longest, time.monotonic() - started)
+            issued += 1
+            await asyncio.sleep(0.002)
+        return issued, failures, longest
+
+    issued, failures, longest = asyncio.run(serve(threading.Thread(target=purge)))
+    store.close()
+    (result,) = outcome
+    assert isinstance(result, PurgeResult), result
+    assert failures == [], failures[:3]
+    assert issued > 20 and longest < BUSY_TIMEOUT_MS / 1000
+    assert result.counts()["tokens"] == 120_000 and result.steps == 24  # of 5,000 rows each
+    assert result.longest_step_s < BUSY_TIMEOUT_MS / 1000
     report = audit(url)
     assert report.ok, report.problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 from sqlalchemy import create_engine, insert
 
 from stampd.access import Quota, Reservation, Subscriber
-from stampd.errors import TooManyRequests
+from stampd.errors import RecordingError, TooManyRequests
 from stampd.records.migrate import upgrade
 from stampd.records.schema import tokens
+from stampd.records.store import RecordStore
 from stampd.records.usage import SqlUsageLedger, UsageRow, open_usage_ledger, usage_report
 
 NOW = 1_795_305_570_250_000
@@ -114,6 +116,91 @@ def test_old_rate_windows_are_purged(url: str) -> None:
     assert SqlUsageLedger(url).counts("erin") == {"day:2026-11-21": 2, "day:2026-11-22": 1, "s:1795305690": 1}
 
 
+def test_a_batch_grants_what_fits_and_refuses_the_rest(ledger: SqlUsageLedger) -> None:
+    """Reservations arriving together share one transaction; in it each is all or none on its own: the ones that
+    find a full counter undo only their own increments, and the others are granted (issue 6: exact quotas)."""
+    alice = Subscriber("alice", quotas=(Quota(3, "day"),))
+    bob = Subscriber("bob", rate_per_s=2)
+    carol = Subscriber("carol", quotas=(Quota(100, "month"), Quota(2, "total")))
+
+    async def one(subscriber: Subscriber) -> str:
+        try:
+            await ledger.reserve(subscriber, NOW)
+        except TooManyRequests as e:
+            return f"429 {e.retry_after_s}"
+        return "granted"
+
+    async def together() -> list[str]:
+        return await asyncio.gather(*(one(s) for s in [alice, bob, carol] * 5))
+
+    before = ledger.transactions
+    outcomes = asyncio.run(together())
+    assert ledger.transactions == before + 1  # fifteen reservations, one commit
+    assert outcomes[0::3] == ["granted"] * 3 + ["429 30"] * 2  # the day ends in 29.75 s
+    assert outcomes[1::3] == ["granted"] * 2 + ["429 1"] * 3
+    assert outcomes[2::3] == ["granted"] * 2 + ["429 86400"] * 3
+    assert ledger.counts("alice") == {"day:2026-11-21": 3}
+    assert ledger.counts("bob") == {"s:1795305570": 2}
+    # carol's refused reservations had incremented her month before finding the total spent: undone
+    assert ledger.counts("carol") == {"month:2026-11": 2, "total": 2}
+
+
+def test_releases_are_batched_with_reservations(ledger: SqlUsageLedger) -> None:
+    subscriber = Subscriber("dora", quotas=(Quota(2, "hour"),))
+
+    async def scenario() -> list[str]:
+        first = await ledger.reserve(subscriber, NOW)
+        await ledger.reserve(subscriber, NOW)
+        before = ledger.transactions
+        outcomes = await asyncio.gather(
+            ledger.release(first), ledger.release(first), ledger.reserve(subscriber, NOW), return_exceptions=True
+        )
+        assert ledger.transactions == before + 1
+        return [type(o).__name__ for o in outcomes]
+
+    # sorted by subscriber and window, the batch runs in arrival order: two releases, then the reservation fits
+    assert asyncio.run(scenario()) == ["NoneType", "NoneType", "Reservation"]
+    assert ledger.counts("dora") == {"hour:2026-11-21T23": 1}
+
+
+def test_a_failed_commit_fails_every_caller_of_its_batch_and_counts_nothing(
+    ledger: SqlUsageLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is one transaction: if its COMMIT fails, nobody in it is told "granted", and nothing is counted."""
+    subscribers = [Subscriber(name, quotas=(Quota(10, "day"),), rate_per_s=5) for name in ("erin", "fred")]
+    kept = asyncio.run(ledger.reserve(subscribers[0], NOW))
+
+    def fail(_connection: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def together() -> list[BaseException | Reservation | None]:
+        return await asyncio.gather(
+            *(ledger.reserve(s, NOW) for s in subscribers * 3), ledger.release(kept), return_exceptions=True
+        )
+
+    monkeypatch.setattr(SqlUsageLedger, "_commit", staticmethod(fail))
+    outcomes = asyncio.run(together())
+    assert len(outcomes) == 7
+    assert all(isinstance(o, RecordingError) and "disk I/O error" in str(o) for o in outcomes), outcomes
+    assert "failed to release" in str(outcomes[-1])
+    assert ledger.counts("erin") == {"day:2026-11-21": 1, "s:1795305570": 1}  # only the reservation before
+    assert ledger.counts("fred") == {}
+    monkeypatch.undo()
+    asyncio.run(ledger.reserve(subscribers[1], NOW))  # the next batch, on a new connection, works
+    assert ledger.counts("fred") == {"day:2026-11-21": 1, "s:1795305570": 1}
+
+
+def test_the_ledger_commits_without_its_own_fsync_on_sqlite(ledger: SqlUsageLedger, url: str) -> None:
+    """synchronous=NORMAL on the ledger's connection only (see _sync_normal): the token store keeps FULL."""
+    with ledger._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store = RecordStore(url)
+    with store._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    store.close()
+
+
 def _hammer(url: str, subscriber: Subscriber, times: int, start: Any, granted: Any) -> None:
     """One process: ``times`` concurrent reservations through its own ledger; puts how many were granted."""
 
@@ -143,7 +230,8 @@ def _hammer(url: str, subscriber: Subscriber, times: int, start: Any, granted: A
     ],
 )
 def test_processes_and_threads_never_exceed_the_limit(url: str, subscriber: Subscriber, counter: str) -> None:
-    """4 processes x 25 concurrent reservations (4 ledger threads each) on one SQLite file: exactly the limit."""
+    """4 processes x 25 concurrent reservations (batched, in one transaction per batch) on one SQLite file:
+    exactly the limit."""
     limit = subscriber.quotas[0].limit if subscriber.quotas else subscriber.rate_per_s
     context = multiprocessing.get_context("fork")
     start, results = context.Event(), context.Queue()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+import threading
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from stampd import access
 from stampd.access import (
     AccessRule,
     Quota,
@@ -33,7 +36,7 @@ from stampd.logs import REQUEST_ID
 from stampd.metrics import REGISTRY
 from stampd.model import MessageImprint, Reply, TimeStampRequest
 from stampd.oids import SHA256
-from stampd.server.asgi import Route, TimeStampApp
+from stampd.server.asgi import SLOW_CHECKS_AT_ONCE, Responder, Route, TimeStampApp
 
 REQUEST = TimeStampRequest(1, MessageImprint(SHA256.oid, True, bytes(32)), None, 7, True, ())
 BODY = encode_request(REQUEST)
@@ -95,7 +98,7 @@ class Answer:
 
 
 def make_app(
-    unit: FakeUnit, ledger: FakeLedger | None = None, *, rule: AccessRule | None = None, proxies: tuple[str, ...] = ()
+    unit: Responder, ledger: FakeLedger | None = None, *, rule: AccessRule | None = None, proxies: tuple[str, ...] = ()
 ) -> TimeStampApp:
     async def nothing() -> None:
         return None
@@ -123,7 +126,9 @@ def call(
     headers: dict[str, str] | None = None,
     body: bytes = BODY,
     extensions: dict[str, Any] | None = None,
+    repeated: tuple[tuple[str, str], ...] = (),
 ) -> Answer:
+    """One request to ``app``; ``repeated`` adds header lines after ``headers`` (a name may repeat)."""
     sent: list[dict[str, Any]] = []
     read = False
 
@@ -142,7 +147,7 @@ def call(
         "method": method,
         "path": path,
         "client": (client, 50000),
-        "headers": [(k.lower().encode(), v.encode()) for k, v in head.items()],
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (*head.items(), *repeated)],
     }
     if extensions is not None:
         scope["extensions"] = extensions
@@ -326,12 +331,29 @@ def test_forwarded_address_and_certificate_are_believed_only_from_a_trusted_prox
     assert call(app, client="127.0.0.1", headers=proxied).status == 200
     assert unit.calls[-1][:2] == ("192.0.2.44", "certified")
     assert call(app, client="::ffff:127.0.0.1", headers=proxied).status == 200  # a dual-stack socket's view
+    listed_mapped = make_app(FakeUnit(), rule=SUBSCRIBERS_ONLY, proxies=("::ffff:127.0.0.1/128",))
+    assert call(listed_mapped, client="127.0.0.1", headers=proxied).status == 200
     assert call(app, client="10.2.2.2", headers=proxied).status == 401  # not a proxy: its headers are ignored
     garbled = {"X-Client-Certificate": "not-a-certificate"}
     assert call(app, client="127.0.0.1", headers=garbled).status == 401
     # From a trusted proxy, the certificate of the proxy's own TLS connection identifies nobody.
     own = {"tls": {"client_cert_der": CERT_DER}}
     assert call(app, client="127.0.0.1", extensions=own).status == 401
+
+
+def test_a_forwarded_for_line_of_the_proxy_after_the_clients_own_is_the_one_believed() -> None:
+    """A proxy may add its X-Forwarded-For as a header line of its own after one the client sent (HAProxy's
+    ``option forwardfor``): the lines form one list (RFC 9110 §5.3), and its rightmost untrusted entry is the
+    client's address, not the client's forged first line."""
+    unit = FakeUnit()
+    app = make_app(unit, rule=SUBSCRIBERS_ONLY, proxies=("127.0.0.1/32",))
+    forged_then_real = (("X-Forwarded-For", "192.0.2.44"), ("X-Forwarded-For", "203.0.113.5"))
+    assert call(app, client="127.0.0.1", repeated=forged_then_real).status == 200
+    assert unit.calls[-1][:2] == ("203.0.113.5", "other")
+    unlisted = (("X-Forwarded-For", "192.0.2.44"), ("X-Forwarded-For", "10.20.30.40"))
+    assert call(app, client="127.0.0.1", repeated=unlisted).status == 401
+    not_an_address = (("X-Forwarded-For", "192.0.2.44"), ("X-Forwarded-For", "unknown"))
+    assert call(app, client="127.0.0.1", repeated=not_an_address).status == 401  # never the forged one instead
 
 
 def test_public_tsu_records_the_forwarded_address_from_a_trusted_proxy() -> None:
@@ -349,3 +371,141 @@ def test_reloaded_subscribers_take_effect_for_the_next_request() -> None:
     disabled = SubscriberDirectory([Subscriber("acme", enabled=False, networks=(ip_network("192.0.2.0/24"),))])
     app.replace_subscribers(disabled, ledger)
     assert call(app, client="192.0.2.1").status == 403
+
+
+# --- cancelled requests and slow password checks ---
+
+
+@dataclass
+class GatedUnit:
+    """Answers ``reply`` once ``gate`` is set: a token being signed and recorded while the request is cancelled."""
+
+    reply: Reply
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def respond(self, request: TimeStampRequest, requester: str | None, subscriber: str | None = None) -> Reply:
+        self.started.set()
+        await self.gate.wait()
+        return self.reply
+
+
+@dataclass
+class GatedLedger(FakeLedger):
+    """Reserves once ``gate`` is set: a reservation under way in the database while the request is cancelled."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def reserve(self, subscriber: Subscriber, now_us: int) -> Reservation:
+        self.started.set()
+        await self.gate.wait()
+        return await super().reserve(subscriber, now_us)
+
+
+def _cancel_midway(app: TimeStampApp, started: asyncio.Event, gate: asyncio.Event) -> list[dict[str, Any]]:
+    """Start a request from 192.0.2.1, cancel it once ``started`` is set, then let the work under way finish
+    (``gate``) and the event loop settle; returns what was sent (nothing)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": BODY, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/tsa",
+        "client": ("192.0.2.1", 50000),
+        "headers": [(b"content-type", b"application/timestamp-query"), (b"content-length", str(len(BODY)).encode())],
+    }
+
+    async def scenario() -> None:
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await started.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("reply", "released"), [(GRANTED, False), (BAD_ALG, True)], ids=["granted-anyway", "rejected-anyway"]
+)
+def test_a_request_cancelled_while_issuing_keeps_its_reservation_exactly_when_a_token_was_granted(
+    reply: Reply, released: bool
+) -> None:
+    """Issue 6, quotas exact: a request cancelled while its token is signed and recorded (the records may commit it
+    all the same) gives its reservation back only once the issuance is over and granted nothing; a token recorded
+    after the cancellation stays counted, so the usage report never shows more tokens than the quota."""
+    unit, ledger = GatedUnit(reply), FakeLedger()
+    sent = _cancel_midway(make_app(unit, ledger, rule=SUBSCRIBERS_ONLY), unit.started, unit.gate)
+    assert sent == [] and ledger.reserved == ["acme"]
+    assert ledger.released == ([Reservation("acme", ("day:x",))] if released else [])
+
+
+def test_a_request_cancelled_while_reserving_gives_the_reservation_back_once_it_is_made() -> None:
+    """A request cancelled while the ledger reserves (the transaction or script completes regardless) issues
+    nothing and gives the reservation back when it arrives, instead of leaking it (an over-count)."""
+    unit, ledger = FakeUnit(), GatedLedger()
+    sent = _cancel_midway(make_app(unit, ledger, rule=SUBSCRIBERS_ONLY), ledger.started, ledger.gate)
+    assert sent == [] and unit.calls == []
+    assert ledger.reserved == ["acme"] and ledger.released == [Reservation("acme", ("day:x",))]
+
+
+def test_slow_password_checks_run_at_most_two_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrong passwords for a known basic user each cost a slow hash (scrypt: tens of ms, 32 MiB): twelve at once
+    run at most SLOW_CHECKS_AT_ONCE at a time, off the event loop, and each is refused with 401."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def slow_verify(password: str, encoded: str) -> bool:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return False
+
+    monkeypatch.setattr(access, "verify_password", slow_verify)
+    unit = FakeUnit()
+    app = make_app(unit, rule=SUBSCRIBERS_ONLY)
+    statuses: list[int] = []
+
+    async def one(index: int) -> None:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": BODY, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        authorization = basic("bob", f"wrong {index}").encode()
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "path": "/tsa",
+            "client": ("10.1.1.1", 50000),
+            "headers": [(b"content-length", str(len(BODY)).encode()), (b"authorization", authorization)],
+        }
+        await app(scope, receive, send)
+        statuses.append(sent[0]["status"])
+
+    async def scenario() -> None:
+        await asyncio.gather(*(one(i) for i in range(12)))
+
+    asyncio.run(scenario())
+    assert statuses == [401] * 12 and unit.calls == []
+    assert most == SLOW_CHECKS_AT_ONCE == 2
