@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
@@ -15,11 +14,10 @@ from stampd.app import check_tsu
 from stampd.cli.options import config_option
 from stampd.config import Config, load_config, to_mapping
 from stampd.errors import StampdError
+from stampd.records.engine import mask_url
 from stampd.records.store import RecordStore
 from stampd.server.run import tls_options
 
-MASK = "***"
-_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pass", "sslpassword"})
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -111,22 +109,6 @@ def mask_secrets(value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return mask_url(value)
     return value
-
-
-def mask_url(url: str) -> str:
-    """``url`` without its password: in the user information (``user:secret@host``) or as a query parameter
-    (libpq reads ``?password=``)."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        url = url.replace(f"//{parts.netloc}", f"//{userinfo.partition(':')[0]}:{MASK}@{host}", 1)
-    if parts.query:
-        query = "&".join(
-            f"{key}={MASK}" if key.lower() in _SECRET_QUERY_KEYS else f"{key}{sep}{value}"
-            for key, sep, value in (pair.partition("=") for pair in parts.query.split("&"))
-        )
-        url = url.replace(f"?{parts.query}", f"?{query}", 1)
-    return url
 
 
 def toml_text(mapping: dict[str, Any]) -> str:

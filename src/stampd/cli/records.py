@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
-from stampd.cli.options import config_option
+from stampd.cli.options import INSTANT_RANGE_US, config_option, parse_instant
 from stampd.config import Config, RecordsConfig, load_config
 from stampd.errors import ConfigError
 from stampd.records.archive import (
@@ -26,7 +25,7 @@ from stampd.records.checkpoint import CheckpointSigner, PublicKey, load_public_k
 from stampd.records.retention import DEFAULT_BATCH_ROWS, CheckpointKey, PurgeResult, purge_records
 from stampd.signers.keyfile import load_encrypted_key, read_passphrase_file
 
-WHOLE_RANGE_US = (0, 253_370_764_800_000_000)  # [1970-01-01, 9999-01-01)
+WHOLE_RANGE_US = INSTANT_RANGE_US
 """[from, to) of an archive of everything (`stampd terminate`)."""
 
 
@@ -51,7 +50,8 @@ def _echo_purge(result: PurgeResult) -> None:
     counts = result.counts()
     verb = "would remove" if result.dry_run else "removed"
     click.echo(f"cut-off: {iso(result.cutoff_us)} (records.retention {result.retention_us / 86_400e6:g} days)")
-    click.echo(f"{verb}: {counts['tokens']} tokens, {counts['events']} events, in {result.steps} steps")
+    steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
+    click.echo(f"{verb}: {counts['tokens']} tokens, {counts['events']} events, in {steps}")
     for cut in result.cuts:
         click.echo(f"  {cut.table} chain {cut.chain}: seq {cut.from_seq}-{cut.through_seq}")
     for table, kept in result.kept.items():
@@ -95,24 +95,6 @@ def purge(config_file: str, dry_run: bool, batch_rows: int, as_json: bool) -> No
         click.echo(json.dumps({"dry_run": dry_run, "event_chain": result.event_chain, **result.detail()}, indent=2))
     else:
         _echo_purge(result)
-
-
-def parse_instant(text: str, option: str) -> int:
-    """An ISO 8601 date or date-time (UTC when it names no zone), in microseconds since the epoch; within
-    [1970, 9999] (an archive's range is stored as such)."""
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise click.BadParameter(
-            f"expected an ISO 8601 date or time such as 2026-01-01 or 2026-01-01T12:00:00+01:00, not {text!r}",
-            param_hint=option,
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    instant = (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    if not WHOLE_RANGE_US[0] <= instant <= WHOLE_RANGE_US[1]:
-        raise click.BadParameter(f"{text!r} is outside 1970-01-01 to 9999-01-01 (UTC)", param_hint=option)
-    return instant
 
 
 def archive_certificates(config: Config) -> list[ArchiveCertificate]:

@@ -28,7 +28,7 @@ from stampd.access import (
     parse_rate,
 )
 from stampd.cli.options import config_option
-from stampd.config import load_config
+from stampd.config import Config, load_config
 from stampd.errors import RecordingError
 from stampd.records.migrate import current_revision, head_revision
 from stampd.records.subscribers import SubscriberStore, described
@@ -42,15 +42,15 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def open_store(config_file: str) -> SubscriberStore:
-    """The subscribers of the TSA configured in ``config_file``, refusing a records schema that is not this
+def open_store(config: Config) -> SubscriberStore:
+    """The subscribers of the TSA configured in ``config``, refusing a records schema that is not this
     stampd's (the subscribers table comes with revision 0003)."""
-    url = load_config(config_file).records.url
+    url = config.records.url
     actual, expected = current_revision(url), head_revision()
     if actual != expected:
         raise RecordingError(
             f"the records schema is at {actual or 'empty'}, this stampd needs {expected}: "
-            f"run `stampd db upgrade -c {config_file}`"
+            f"run `stampd db upgrade -c {config.source}`"
         )
     return SubscriberStore(url)
 
@@ -105,13 +105,15 @@ def _rate(value: str | None) -> int | None:
 def _certificates(paths: Sequence[Path]) -> tuple[bytes, ...]:
     fingerprints: list[bytes] = []
     for path in paths:
-        data = path.read_bytes()
         try:
+            data = path.read_bytes()
             cert = (
                 x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
             )
-        except ValueError as e:
-            raise click.BadParameter(f"{path}: not a PEM or DER certificate: {e}", param_hint="--cert") from None
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(
+                f"{path}: not a readable PEM or DER certificate: {e}", param_hint="--cert"
+            ) from None
         fingerprint = cert_sha256(cert.public_bytes(Encoding.DER))
         if fingerprint not in fingerprints:
             fingerprints.append(fingerprint)
@@ -126,7 +128,12 @@ def _password(user: str | None, password_file: Path | None) -> str | None:
             raise click.BadParameter("--password-file needs --basic-user", param_hint="--password-file")
         return None
     if password_file is not None:
-        lines = password_file.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(
+                f"{password_file}: not readable UTF-8 text: {e}", param_hint="--password-file"
+            ) from None
         password = lines[0] if lines else ""
     else:
         password = click.prompt(f"password for {user}", hide_input=True, confirmation_prompt=True, err=True)
@@ -177,6 +184,11 @@ def add(
     if basic_user is not None and (not basic_user or ":" in basic_user):
         raise click.BadParameter("a basic user name is not empty and has no ':'", param_hint="--basic-user")
     networks, quota_list, rate_per_s = _networks(ips), _quotas(quotas), _rate(rate)
+    config = load_config(config_file)
+    unknown = sorted(set(tsus) - {tsu.name for tsu in config.tsus})
+    if unknown:
+        # A misspelt TSU would restrict the subscriber to a TSU that does not exist: 403 on every request.
+        raise click.BadParameter(f"{', '.join(unknown)}: no such TSU in {config_file}", param_hint="--tsu")
     fingerprints = _certificates(certs)
     password = _password(basic_user, password_file)
     token = new_token() if with_token else None
@@ -192,7 +204,7 @@ def add(
         rate_per_s=rate_per_s,
         tsus=frozenset(tsus) if tsus else None,
     )
-    store = open_store(config_file)
+    store = open_store(config)
     try:
         store.add(subscriber)
     except ValueError as e:
@@ -229,7 +241,7 @@ def _text(description: dict[str, Any]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def list_command(config_file: str, as_json: bool) -> None:
     """List the subscribers: state, how each is identified, its limits and its TSUs."""
-    store = open_store(config_file)
+    store = open_store(load_config(config_file))
     try:
         found = store.list()
     finally:
@@ -253,7 +265,7 @@ def _details(subscriber: Subscriber) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def show(config_file: str, name: str, as_json: bool) -> None:
     """Show subscriber NAME (never a secret: the token only as its SHA-256); exit status 1 if there is none."""
-    store = open_store(config_file)
+    store = open_store(load_config(config_file))
     try:
         subscriber = store.get(name)
     finally:
@@ -265,13 +277,15 @@ def show(config_file: str, name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(details, indent=2))
         return
+    if details["tsus"] is None:
+        details["tsus"] = "all"  # JSON keeps null; blank text would read as "none"
     for key, value in details.items():
         shown = ", ".join(value) if isinstance(value, list) else value
         click.echo(f"{key + ':':<14}{'' if shown is None else shown}")
 
 
 def _set_enabled(config_file: str, name: str, enabled: bool) -> None:
-    store = open_store(config_file)
+    store = open_store(load_config(config_file))
     try:
         changed = store.set_enabled(name, enabled)
     except KeyError:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import click
 
-from stampd.cli.options import config_option
+from stampd.cli.options import config_option, parse_instant
 from stampd.config import load_config
 from stampd.records.usage import UsageRow, usage_report
 
@@ -19,18 +19,6 @@ COLUMNS = ("subscriber", "tsu", "tokens", "first", "last")
 @click.group("usage")
 def command() -> None:
     """Report the subscribers' usage."""
-
-
-def _instant(text: str, option: str) -> int:
-    """An ISO 8601 date or date-time in µs since the epoch; UTC unless it names its offset."""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected an ISO 8601 date or date-time (UTC)", param_hint=option) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _iso(us: int) -> str:
@@ -56,7 +44,7 @@ def _as_dict(row: UsageRow) -> dict[str, str | int]:
 def report(config_file: str, from_text: str, to_text: str, subscriber: str | None, output: str) -> None:
     """Tokens granted to subscribers with genTime in [--from, --to), by subscriber and TSU, counted from the
     issued tokens themselves: columns subscriber, tsu, tokens, first, last (genTimes, UTC)."""
-    from_us, to_us = _instant(from_text, "--from"), _instant(to_text, "--to")
+    from_us, to_us = parse_instant(from_text, "--from"), parse_instant(to_text, "--to")
     if to_us <= from_us:
         raise click.BadParameter("must be after --from", param_hint="--to")
     rows = [_as_dict(r) for r in usage_report(load_config(config_file).records.url, from_us, to_us, subscriber)]

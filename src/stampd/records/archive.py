@@ -159,8 +159,9 @@ def export_archive(url: str, target: Path, request: ExportRequest) -> ExportSumm
     if target.exists():
         raise RecordingError(f"{target} exists: an archive is never overwritten")
     engine = open_at_head(url, "export")
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    temporary: str | None = None
     try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             summary = _write(engine, archive, request)
             raw.flush()
@@ -169,9 +170,12 @@ def export_archive(url: str, target: Path, request: ExportRequest) -> ExportSumm
         os.link(temporary, target)  # fails if target appeared meanwhile: nothing is ever replaced
     except SQLAlchemyError as e:
         raise RecordingError(f"cannot read the records: {e}") from e
+    except OSError as e:  # no such directory, a full disk, a target that appeared meanwhile
+        raise RecordingError(f"cannot write the archive {target}: {e.strerror or e}") from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         engine.dispose()
     return summary
 

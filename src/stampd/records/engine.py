@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
@@ -15,6 +16,9 @@ BUSY_TIMEOUT_MS = 200
 held longer (a backup, a stuck process) fails the waiting requests with systemFailure instead of freezing the
 worker."""
 
+MASK = "***"
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pass", "sslpassword"})
+
 
 def records_url(url: str) -> URL:
     """``url`` with the driver stampd uses: ``postgresql://`` means psycopg 3 (SQLAlchemy's default is psycopg2)."""
@@ -22,6 +26,22 @@ def records_url(url: str) -> URL:
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
+
+
+def mask_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and `stampd config show`: a password hides in the user
+    information (``user:secret@host``) or in a query parameter (libpq reads ``?password=``)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        url = url.replace(f"//{parts.netloc}", f"//{userinfo.partition(':')[0]}:{MASK}@{host}", 1)
+    if parts.query:
+        query = "&".join(
+            f"{key}={MASK}" if key.lower() in _SECRET_QUERY_KEYS else f"{key}{sep}{value}"
+            for key, sep, value in (pair.partition("=") for pair in parts.query.split("&"))
+        )
+        url = url.replace(f"?{parts.query}", f"?{query}", 1)
+    return url
 
 
 def sqlite_file(engine: Engine) -> str | None:

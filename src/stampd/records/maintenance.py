@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
 from stampd.records.chain import event_entry_hash, token_entry_hash
-from stampd.records.engine import open_engine, records_url
+from stampd.records.engine import mask_url, open_engine
 from stampd.records.migrate import current_revision, head_revision
 from stampd.records.schema import events, tokens
 
@@ -41,8 +41,7 @@ def open_at_head(url: str, needs: str) -> Engine:
     try:
         return open_engine(url, create=False, pooled=False)
     except (SQLAlchemyError, ImportError, OSError) as e:
-        shown = records_url(url).render_as_string(hide_password=True)
-        raise RecordingError(f"cannot open the records at {shown}: {e}") from e
+        raise RecordingError(f"cannot open the records at {mask_url(url)}: {e}") from e
 
 
 def row_fields(row: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
 from stampd.errors import RecordingError
-from stampd.records.engine import open_engine, records_url
+from stampd.records.engine import mask_url, open_engine
 
 logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)  # its INFO lines would fill the server log
 
@@ -47,7 +47,7 @@ def upgrade(url: str) -> str:
         finally:
             engine.dispose()
     except (SQLAlchemyError, CommandError, ImportError, OSError) as e:
-        raise RecordingError(f"cannot upgrade the records at {_shown(url)}: {e}") from e
+        raise RecordingError(f"cannot upgrade the records at {mask_url(url)}: {e}") from e
     return head_revision()
 
 
@@ -58,19 +58,15 @@ def current_revision(url: str) -> str | None:
     except FileNotFoundError:
         return None
     except (SQLAlchemyError, ImportError, OSError) as e:
-        raise RecordingError(f"cannot open the records at {_shown(url)}: {e}") from e
+        raise RecordingError(f"cannot open the records at {mask_url(url)}: {e}") from e
     try:
         with engine.connect() as connection:
             heads = MigrationContext.configure(connection).get_current_heads()
     except SQLAlchemyError as e:
-        raise RecordingError(f"cannot read the schema revision of the records at {_shown(url)}: {e}") from e
+        raise RecordingError(f"cannot read the schema revision of the records at {mask_url(url)}: {e}") from e
     finally:
         engine.dispose()
     if len(heads) > 1:
         return "+".join(sorted(heads))
     return heads[0] if heads else None
 
-
-def _shown(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    return records_url(url).render_as_string(hide_password=True)

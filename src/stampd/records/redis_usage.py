@@ -25,6 +25,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from stampd.access import Reservation, Subscriber, over_limit, usage_limits
 from stampd.errors import RecordingError
+from stampd.records.engine import mask_url
 
 KEEP_AFTER_WINDOW_S = 86400
 """How long a quota's counter outlives its window."""
@@ -94,7 +95,7 @@ class RedisUsageLedger:
             pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=10)
             self._redis: Any = redis.asyncio.Redis.from_pool(pool)
         except (ValueError, RedisError) as e:
-            raise RecordingError(f"cannot use the usage ledger at {_shown(url)}: {e}") from e
+            raise RecordingError(f"cannot use the usage ledger at {mask_url(url)}: {e}") from e
         self._prefix = key_prefix
         self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
@@ -208,10 +209,3 @@ def _fail(operation: _Operation, error: Exception) -> None:
         error = RecordingError(f"the usage ledger failed to {what}: {error}")
     operation.done.set_exception(error)
 
-
-def _shown(url: str) -> str:
-    """``url`` without a password."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"

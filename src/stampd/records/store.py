@@ -22,7 +22,7 @@ from stampd.metrics import RECORD_BATCH_SIZE, RECORD_COMMIT_SECONDS
 from stampd.model import TokenRecord
 from stampd.records.chain import ChainHead, event_entry_hash, new_chain_id, token_entry_hash
 from stampd.records.checkpoint import Checkpoint, CheckpointSigner, Heads, heads_json, signed_bytes
-from stampd.records.engine import open_engine, records_url, sqlite_file
+from stampd.records.engine import mask_url, open_engine, sqlite_file
 from stampd.records.migrate import current_revision, head_revision
 from stampd.records.schema import checkpoints, events, tokens, tsu_states
 
@@ -119,7 +119,7 @@ class RecordStore:
 
     @property
     def _shown_url(self) -> str:
-        return records_url(self._url).render_as_string(hide_password=True)
+        return mask_url(self._url)
 
     @property
     def dialect(self) -> str:

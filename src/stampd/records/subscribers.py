@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from stampd.access import Quota, Subscriber, SubscriberDirectory
 from stampd.errors import RecordingError
 from stampd.records.chain import ChainHead, event_entry_hash, new_chain_id
-from stampd.records.engine import open_engine, records_url
+from stampd.records.engine import mask_url, open_engine
 from stampd.records.schema import events, subscribers
 from stampd.records.usage import serialise_sqlite_writers
 
@@ -88,7 +88,7 @@ class SubscriberStore:
 
     @property
     def _shown_url(self) -> str:
-        return records_url(self._url).render_as_string(hide_password=True)
+        return mask_url(self._url)
 
     def add(self, subscriber: Subscriber) -> None:
         """Add ``subscriber``; ValueError if the name is taken or an identifier (network, token, basic user,

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stampd.cli.config import mask_url, toml_text
+from stampd.cli.config import toml_text
 from stampd.cli.main import cli
 from stampd.config import format_duration_us, load_config, parse_duration_us, to_mapping
+from stampd.records.engine import mask_url
 
 
 def _invoke(*args: str) -> tuple[int, str, str]:
@@ -41,6 +42,24 @@ def test_check_names_the_file_and_the_field(tsa: Path) -> None:
     code, out, err = _invoke("config", "check", str(tsa))
     assert (code, out) == (1, "")
     assert err.strip() == f"stampd: error: {tsa}: server.workerz: unknown setting"
+
+
+def test_check_refuses_a_binary_file_and_never_prints_a_database_password(tsa: Path) -> None:
+    """A file that is not UTF-8 is a named error, not a traceback; a records URL that cannot be reached is named
+    in the error with its passwords (in the user information and as libpq's ?password=) masked."""
+    binary = tsa.with_name("binary.toml")
+    binary.write_bytes(b"[server]\nlisten = '\xff'\n")
+    code, _, err = _invoke("config", "check", str(binary))
+    assert code == 1
+    assert err.startswith(f"stampd: error: {binary}: not valid TOML: not UTF-8 text")
+
+    text = tsa.read_text()
+    url_line = next(line for line in text.splitlines() if line.startswith("url = "))
+    tsa.write_text(text.replace(url_line, 'url = "postgresql://stampd:hunter2@127.0.0.1:1/stampd?password=s3cret"'))
+    code, _, err = _invoke("config", "check", str(tsa))
+    assert code == 1
+    assert "postgresql://stampd:***@127.0.0.1:1/stampd?password=***" in err
+    assert "hunter2" not in err and "s3cret" not in err
 
 
 def test_check_opens_the_keys_and_matches_the_certificates(tsa: Path) -> None:

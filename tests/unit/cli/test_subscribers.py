@@ -110,6 +110,7 @@ def test_a_second_add_of_a_name_is_an_error(config: str) -> None:
         (("--ip", "10.0.0.0/8", "--quota", "1/day", "--quota", "2/day"), "--quota", "at most one quota per period"),
         (("--ip", "10.0.0.0/8", "--rate", "fast"), "--rate", "expected N/s"),
         (("--quota", "1/day"), None, "how is it identified?"),
+        (("--ip", "10.0.0.0/8", "--tsu", "default", "--tsu", "defualt"), "--tsu", "defualt: no such TSU in"),
     ],
 )
 def test_invalid_options_are_named(config: str, args: tuple[str, ...], option: str | None, message: str) -> None:
@@ -139,6 +140,12 @@ def test_basic_credentials_from_a_file_and_from_the_prompt(config: str, tsa: Pat
     short = invoke(config, "subscribers", "add", "short", "--basic-user", "s", stdin="short\nshort\n")
     assert short.exit_code == 2
     assert "at least 12 characters" in short.output
+    password_file.write_bytes(b"\xff" + PASSWORD.encode())
+    binary = invoke(config, "subscribers", "add", "binary", "--basic-user", "b", "--password-file", str(password_file))
+    assert binary.exit_code == 2
+    assert "not readable UTF-8 text" in binary.output
+    assert "--password-file" in binary.output
+    assert invoke(config, "subscribers", "show", "binary").exit_code == 1
 
 
 def _certificate(path: Path) -> bytes:
@@ -165,6 +172,10 @@ def test_client_certificates_and_tsus(config: str, tmp_path: Path) -> None:
     details = json.loads(ok(config, "subscribers", "show", "certified", "--json").output)
     assert details["certificates"] == [hashlib.sha256(der).hexdigest()]
     assert details["tsus"] == ["default"]
+    assert "tsus:         default\n" in ok(config, "subscribers", "show", "certified").output
+    ok(config, "subscribers", "add", "anywhere", "--ip", "203.0.113.9")
+    assert "tsus:         all\n" in ok(config, "subscribers", "show", "anywhere").output
+    assert json.loads(ok(config, "subscribers", "show", "anywhere", "--json").output)["tsus"] is None
     (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     refused = invoke(config, "subscribers", "add", "junk", "--cert", str(tmp_path / "junk.pem"))
     assert refused.exit_code == 2

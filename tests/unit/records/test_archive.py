@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from stampd.app import create_app
 from stampd.cli.main import cli
-from stampd.cli.records import checkpoint_key, parse_instant
+from stampd.cli.options import parse_instant
+from stampd.cli.records import checkpoint_key
 from stampd.config import load_config
 from stampd.model import MessageImprint, TimeStampRequest
 from stampd.oids import SHA256
@@ -189,6 +190,9 @@ def test_export_never_replaces_a_file_and_checks_its_dates(archive: Path, tsa: P
     )
     assert status == 2 and "--from" in output and "ISO 8601" in output
     assert [p.name for p in archive.parent.iterdir()] == [archive.name]  # no partial file left behind
+    missing = archive.parent / "missing" / "x.zip"
+    status, output = run("records", "export", "-c", tsa, "--from", "2000-01-01", "--to", "2200-01-01", missing)
+    assert status == 1 and f"cannot write the archive {missing}: No such file or directory" in output
 
 
 def test_a_flipped_byte_in_a_member_is_named(archive: Path, tmp_path: Path) -> None:
@@ -492,6 +496,7 @@ def test_a_corrupt_or_malformed_archive_is_refused_without_a_traceback(archive: 
 def test_export_dates_are_iso_8601_in_utc_unless_zoned(tsa: Path, tmp_path: Path) -> None:
     midnight = parse_instant("2026-01-01", "--from")
     assert midnight == parse_instant("2026-01-01T00:00:00", "--from") == parse_instant("2026-01-01T00:00Z", "--from")
+    assert midnight == parse_instant("2026-01-01Z", "--from") == parse_instant("2026-01-01T00:00z", "--from")
     assert parse_instant("2026-01-01T01:00:00+01:00", "--from") == midnight == 1_767_225_600_000_000
     for bad in ("0001-01-01T00:00+01:00", "1969-12-31", "2026-13-01", "next week"):
         with pytest.raises(click.BadParameter):
