@@ -35,7 +35,7 @@ from stampd.clockgate import ClockGate, ClockPolicy, LeapPolicy
 from stampd.config import CONFIG_ENV, ClockConfig, Config, TsuConfig, config_path, load_config
 from stampd.der.request import encode_message_imprint
 from stampd.der.token import QUALIFIED_TOKEN_EXTENSIONS, GenTimeFormatter, TokenFields, TokenTemplate
-from stampd.errors import ConfigError, PKIError, StampdError
+from stampd.errors import ConfigError, PKIError, RecordingError, StampdError
 from stampd.issuance import SigningKey, StoppedUnit, TimeStampingUnit
 from stampd.metrics import READINESS, TSU_ACTIVE, TSU_CERTIFICATE_DAYS_LEFT, TSU_DAYS_LEFT, exposition, observe_clock
 from stampd.model import MessageImprint
@@ -66,6 +66,9 @@ KEY_CHECK_INTERVAL_S = 10.0
 
 RECORDS_PROBE_IDLE_S = 10.0
 """After this long without a token committed, /readyz relies on a write probe of the records instead."""
+
+RELOAD_EVENT_ATTEMPTS = 5
+"""Tries to record a reload's event (each waits for the records' busy timeout)."""
 
 SUBSCRIBERS_POLL_S = 5.0
 """How often a serving process re-reads the subscribers (when a TSU serves subscribers): `stampd subscribers
@@ -367,19 +370,31 @@ def create_app(config: Config) -> TimeStampApp:
                 raise
         except StampdError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
-            store.record_event("config.reload_failed", {"error": str(e)})
+            _record_reload_event(store, "config.reload_failed", {"error": str(e)})
             return
         retired, service.tsus = service.tsus, fresh
         service.key_failures = {}  # the fresh keys have just signed their self-test tokens
         service.apply_tsu_states()
         app.replace_routes(_served(fresh), fresh.certificates_pem)
         retired.close()
-        store.record_event("config.reloaded", {"tsus": [u.name for u in fresh.units]})
+        _record_reload_event(store, "config.reloaded", {"tsus": [u.name for u in fresh.units]})
         log.warning("configuration reloaded: TSUs %s", ", ".join(u.name for u in fresh.units))
 
     service.reload = reload
     service.watch_subscribers = lambda: access.watch(app)
     return app
+
+
+def _record_reload_event(store: RecordStore, kind: str, detail: dict[str, Any]) -> None:
+    """Record a reload's outcome, trying again while other processes hold the SQLite write lock (several workers
+    reload at once while their group commits go on). The reload stands either way; a lost event is logged."""
+    for attempt in range(1, RELOAD_EVENT_ATTEMPTS + 1):
+        try:
+            store.record_event(kind, detail)
+            return
+        except RecordingError as e:
+            if attempt == RELOAD_EVENT_ATTEMPTS:
+                log.error("%s: %s", kind, e)
 
 
 class _ClosableLedger(UsageLedger, Protocol):

@@ -7,15 +7,24 @@ SPEC TST-04 (unique serials across processes), STS-02 (always granted under load
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 from asn1crypto import cms, core, tsp
+from conftest import run_stampd
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
     from conftest import LiveTsa, TsaFactory
@@ -236,3 +245,267 @@ def test_records_directory_removed_mid_run_gives_system_failure(tsa_factory: Tsa
         tsa.stop(check=False)  # its shutdown cannot record service.stopped: the database is gone
     assert status == 2, "a token was granted although its record went into a deleted database"
     assert resp["status"]["fail_info"].dump() == SYSTEM_FAILURE
+
+
+# === several workers: reload in place, metrics of every worker, clean stop ===
+
+
+LOAD_THREADS = 6
+IDLE_CONNECTIONS = 4
+RECONNECT_EVERY = 20
+
+
+def _only_tsus(text: str, names: set[str]) -> str:
+    """The configuration with only the [tsu.NAME] tables (and their sub-tables) of ``names``."""
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("["):
+            table = line.strip().strip("[]")
+            skipping = table.startswith("tsu.") and table.split(".")[1] not in names
+        if not skipping:
+            kept.append(line)
+    return "".join(kept)
+
+
+def _tsus_a_b_c(tsa: LiveTsa) -> None:
+    """`stampd init --tsu a --tsu b --tsu c`, kept aside as full.toml; the server starts with TSU a only."""
+    listen = f"{tsa.host}:{tsa.port}"
+    tsus = ("--tsu", "a", "--tsu", "b", "--tsu", "c")
+    run_stampd("init", tsa.dir, "--key-type", tsa.key_type, "--listen", listen, "--force", *tsus)
+    full = tsa.config.read_text()
+    (tsa.dir / "full.toml").write_text(full)
+    tsa.config.write_text(_only_tsus(full, {"a"}))
+
+
+class KeepAliveLoad:
+    """Client threads sending requests without pause over keep-alive connections (a new one every
+    ``RECONNECT_EVERY`` requests, so that every worker takes some), to the TSU paths in ``paths`` (which the test
+    extends as TSUs are added). Every request is counted; any that is not a granted token is kept as a failure."""
+
+    def __init__(self, tsa: LiveTsa, paths: list[str]) -> None:
+        self.tsa = tsa
+        self.paths = paths
+        self.sent = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(LOAD_THREADS)
+        self._futures: list[Future[None]] = []
+
+    def __enter__(self) -> KeepAliveLoad:
+        self._futures = [self._pool.submit(self._client, i) for i in range(LOAD_THREADS)]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for future in self._futures:
+            future.result(timeout=60)
+        self._pool.shutdown()
+
+    def _client(self, index: int) -> None:
+        conn: http.client.HTTPConnection | None = None
+        i = 0
+        while not self._stop.is_set():
+            if i % RECONNECT_EVERY == 0:
+                if conn is not None:
+                    conn.close()
+                conn = self.tsa.connection()
+            assert conn is not None
+            path = self.paths[(index + i) % len(self.paths)]
+            i += 1
+            self.record(_granted_or_why(self.tsa, path, conn))
+        if conn is not None:
+            conn.close()
+
+    def record(self, failure: str | None) -> None:
+        with self._lock:
+            self.sent += 1
+            if failure is not None:
+                self.failures.append(failure)
+
+    def count(self) -> int:
+        with self._lock:
+            return self.sent
+
+
+def _granted_or_why(tsa: LiveTsa, path: str, conn: http.client.HTTPConnection) -> str | None:
+    """POST one request on ``conn``: None when a granted token for it came back, else what went wrong."""
+    digest, nonce = os.urandom(32), int.from_bytes(os.urandom(7), "big")
+    try:
+        status, _, body = tsa.post(request_der(digest, nonce), path=path, conn=conn)
+    except (OSError, http.client.HTTPException) as e:
+        return f"{path}: {type(e).__name__}: {e}"
+    if status != 200:
+        return f"{path}: HTTP {status}: {body[:80]!r}"
+    code, info, _ = outcome(body)
+    if code != 0 or info is None or info["nonce"].native != nonce:
+        return f"{path}: not a granted token for this request"
+    return None
+
+
+def _event_chains(tsa: LiveTsa, kind: str) -> list[str]:
+    """The chain (one per process that opened the records) of each event of ``kind``, in order."""
+    db = sqlite3.connect(f"file:{tsa.records_db}?mode=ro", uri=True)
+    try:
+        return [chain for (chain,) in db.execute("SELECT chain FROM events WHERE kind = ? ORDER BY id", (kind,))]
+    finally:
+        db.close()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def _scrape(tsa: LiveTsa) -> dict[str, list[Sample]]:
+    """GET /metrics on a new connection (whichever worker takes it): metric family name -> its samples."""
+    conn = tsa.connection()
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def _requests_total(families: dict[str, list[Sample]]) -> int:
+    return round(sum(s.value for s in families["stampd_requests"] if s.name == "stampd_requests_total"))
+
+
+def _worker_environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().partition("=")[::2] for item in raw.split(b"\0") if item)
+
+
+def test_two_workers_reload_in_place_under_load_sum_metrics_and_stop_cleanly(tsa_factory: TsaFactory) -> None:
+    """OPS-09, STS-02, issue 6 (configuration: SIGHUP reloads without dropping requests, SIGTERM drains and exits
+    cleanly; observability: /metrics) with `stampd serve --workers 2`: six client threads send requests without
+    pause over keep-alive connections while the server gets SIGHUP three times (adding TSU b, then c, then the same
+    file again). No request fails; the idle keep-alive connections opened before the first SIGHUP still answer
+    after the last (uvicorn's own SIGHUP replaced the workers and closed them); both workers reload in place (one
+    `config.reloaded` per worker and SIGHUP, no worker started again) and each TSU added serves on both workers
+    (tokens of each TSU in both workers' chains). Every scrape of /metrics, whichever worker answers it, sums
+    `stampd_requests_total` over the workers to exactly the requests sent, and the gauges come once per label
+    set, not once per worker. SIGTERM: exit status 0, both workers record `service.stopped`, and the private
+    metrics directory (0700) is removed."""
+    tsa = tsa_factory("ec-p256", name="workers-reload", workers=2, before_start=_tsus_a_b_c)
+    process = tsa.process
+    assert process is not None
+    tsa.process = None  # stopped by this test: the fixture would accept death by SIGTERM as a clean stop
+    try:
+        full = (tsa.dir / "full.toml").read_text()
+        _wait_for(lambda: len(_event_chains(tsa, "service.started")) == 2, 30, "both workers started")
+        workers = _event_chains(tsa, "service.started")
+        pids = [
+            int(json.loads(str(detail))["pid"])
+            for (detail,) in tsa._query("SELECT detail FROM events WHERE kind = 'service.started'")
+        ]
+        metrics_directory = Path(_worker_environment(pids[0])["PROMETHEUS_MULTIPROC_DIR"])
+        assert _worker_environment(pids[1])["PROMETHEUS_MULTIPROC_DIR"] == str(metrics_directory)
+        assert metrics_directory.stat().st_mode & 0o777 == 0o700
+
+        idle = [tsa.connection() for _ in range(IDLE_CONNECTIONS)]
+        idle_sockets = []
+        paths = ["/a", "/"]
+        with KeepAliveLoad(tsa, paths) as load:
+            for conn in idle:
+                load.record(_granted_or_why(tsa, "/a", conn))
+                idle_sockets.append(conn.sock)
+            _wait_for(lambda: load.count() > 50, 15, "the first requests")
+            for reload, tsus in enumerate(({"a", "b"}, {"a", "b", "c"}, {"a", "b", "c"}), start=1):
+                tsa.config.write_text(_only_tsus(full, tsus))
+                for conn in idle:  # each idle connection took a request just before this SIGHUP
+                    load.record(_granted_or_why(tsa, "/a", conn))
+                before = load.count()
+                process.send_signal(signal.SIGHUP)
+                _wait_for(lambda n=reload: len(_event_chains(tsa, "config.reloaded")) == 2 * n, 20, f"reload {reload}")
+                paths[:] = ["/a", "/", *sorted(f"/{name}" for name in tsus - {"a"})]
+                _wait_for(lambda n=before: load.count() > n + 60, 15, f"requests after reload {reload}")
+            for conn in idle:
+                load.record(_granted_or_why(tsa, "/a", conn))
+        assert not load.failures, f"{len(load.failures)} of {load.sent} requests failed: {load.failures[:5]}"
+        assert [conn.sock for conn in idle] == idle_sockets, "an idle keep-alive connection was closed by a reload"
+        for conn in idle:
+            conn.close()
+
+        assert sorted(_event_chains(tsa, "config.reloaded")) == sorted(workers * 3), "each worker reloaded each time"
+        assert _event_chains(tsa, "service.started") == workers, "no worker was started again"
+        assert not _event_chains(tsa, "config.reload_failed")
+        issued = set(tsa._query("SELECT DISTINCT tsu, chain FROM tokens"))
+        assert issued == {(tsu, chain) for tsu in "abc" for chain in workers}, "every TSU served by every worker"
+
+        _wait_for(lambda: _requests_total(_scrape(tsa)) == load.sent, 10, "the counts of the last requests")
+        for _ in range(6):
+            families = _scrape(tsa)
+            assert _requests_total(families) == load.sent
+            durations = [s for s in families["stampd_request_duration_seconds"] if s.name.endswith("_count")]
+            assert round(sum(s.value for s in durations)) == load.sent
+            active = sorted((sorted(s.labels.items()), s.value) for s in families["stampd_tsu_active"])
+            assert active == [([("tsu", t)], 1.0) for t in "abc"], "one sample per TSU, not one per worker"
+            readiness = sorted((s.labels["check"], s.value) for s in families["stampd_readiness"])
+            assert readiness == [("clock", 1.0), ("keys", 1.0), ("records", 1.0), ("tsus", 1.0)]
+    except BaseException:
+        process.send_signal(signal.SIGTERM)  # a failed run leaves no server behind (SIGKILL would orphan workers)
+        process.wait(30)
+        raise
+
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(30)
+    log = tsa.log_text()
+    assert returncode == 0, f"exit status {returncode}:\n{log[-3000:]}"
+    assert sorted(_event_chains(tsa, "service.stopped")) == sorted(workers), "both workers drained and stopped"
+    assert "Traceback" not in log
+    assert not metrics_directory.exists(), "the metrics directory outlived the server"
+    tsa.check_granted_are_recorded()
+
+
+def _granted_in_batches(tsa: LiveTsa, count: int) -> list[str]:
+    """``count`` requests from 4 threads, a new connection every ``RECONNECT_EVERY``: the failures."""
+
+    def batch(size: int) -> list[str]:
+        failures = []
+        for start in range(0, size, RECONNECT_EVERY):
+            conn = tsa.connection()
+            try:
+                for _ in range(min(RECONNECT_EVERY, size - start)):
+                    failure = _granted_or_why(tsa, "/", conn)
+                    if failure is not None:
+                        failures.append(failure)
+            finally:
+                conn.close()
+        return failures
+
+    with ThreadPoolExecutor(4) as pool:
+        return [f for failures in pool.map(batch, [count // 4] * 4) for f in failures]
+
+
+def test_a_killed_worker_is_replaced_and_its_counts_stay_in_the_metrics(tsa_factory: TsaFactory) -> None:
+    """Issue 6 (observability) with `stampd serve --workers 2`: a worker killed with SIGKILL is replaced by the
+    supervisor, which serves at once; /metrics still counts the requests the dead worker answered (its counter
+    files stay) while its gauges are dropped (its live-gauge files are removed), so every gauge still comes once
+    per label set."""
+    tsa = tsa_factory("ec-p256", name="workers-killed", workers=2)
+    assert not _granted_in_batches(tsa, 200)
+    _wait_for(lambda: len(_event_chains(tsa, "service.started")) == 2, 30, "both workers started")
+    _wait_for(lambda: _requests_total(_scrape(tsa)) == 200, 10, "the counts of the first requests")
+    pids = [
+        int(json.loads(str(detail))["pid"])
+        for (detail,) in tsa._query("SELECT detail FROM events WHERE kind = 'service.started'")
+    ]
+    metrics_directory = Path(_worker_environment(pids[0])["PROMETHEUS_MULTIPROC_DIR"])
+    victim = pids[0]
+    assert list(metrics_directory.glob(f"gauge_live*_{victim}.db")), "the worker had gauges"
+
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: len(_event_chains(tsa, "service.started")) == 3, 30, "a new worker")
+    _wait_for(lambda: not list(metrics_directory.glob(f"gauge_live*_{victim}.db")), 10, "the dead worker's gauges")
+    assert list(metrics_directory.glob(f"counter_{victim}.db")), "the dead worker's counts were kept"
+    assert not _granted_in_batches(tsa, 200)
+    _wait_for(lambda: _requests_total(_scrape(tsa)) == 400, 10, "the counts of every request")
+    families = _scrape(tsa)
+    assert [(s.labels, s.value) for s in families["stampd_tsu_active"]] == [({"tsu": "default"}, 1.0)]

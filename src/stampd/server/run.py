@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import ssl
+import tempfile
 from collections.abc import Iterator
+from socket import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from stampd.config import CONFIG_ENV, Config, TlsConfig
-from stampd.errors import ConfigError
+from stampd.errors import ConfigError, StampdError
 from stampd.logs import log_config
+from stampd.metrics import SHARED_DIRECTORY_ENV, forget_worker
 from stampd.server.asgi import TimeStampApp
 from stampd.server.protocol import TimeStampHttpProtocol
 
 FACTORY = "stampd.app:create_app_from_environment"
+
+READY_PROBE_S = 0.5
+"""How long the supervisor waits for a worker to say whether it serves yet, before it passes SIGHUP on to it."""
+
+log = logging.getLogger("stampd")
 
 LOG_CONFIG: dict[str, Any] = log_config("json")
 """Applied in the serving process until its configuration is read (then ``log_config(server.log_format)``, which
@@ -45,7 +56,8 @@ def serve(config: Config, app: TimeStampApp, *, host: str, port: int, workers: i
     """Serve until SIGINT/SIGTERM.
 
     With one worker ``app`` is served as it is; with several, ``app`` proved the configuration loads, and each
-    worker process builds its own from the same file (its own record writer included).
+    worker process builds its own from the same file (its own record writer included), under a
+    :class:`WorkerSupervisor`, with the metrics shared through a private directory that lives as long as it does.
     """
     options: dict[str, Any] = {
         "host": host,
@@ -67,7 +79,88 @@ def serve(config: Config, app: TimeStampApp, *, host: str, port: int, workers: i
             uvicorn.Server(uvicorn.Config(app, **options)).run()
         return
     os.environ[CONFIG_ENV] = str(config.source.resolve())
-    uvicorn.run(FACTORY, factory=True, workers=workers, **options)
+    uvicorn_config = uvicorn.Config(FACTORY, factory=True, workers=workers, **options)
+    with _shared_metrics_directory() as metrics_directory:
+        supervisor = WorkerSupervisor(uvicorn_config, [uvicorn_config.bind_socket()], metrics_directory)
+        supervisor.run()
+    if supervisor.worker_failed_to_start:
+        raise StampdError("a worker process failed to start (its log says why): stopped")
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's supervisor of the worker processes (it restarts a worker that dies or hangs, and on SIGTERM or
+    SIGINT stops them all, each draining its requests), with two differences.
+
+    SIGHUP is passed on to each worker, which reloads its TSUs and subscribers in place (`app.create_app`'s reload,
+    as one process does): uvicorn would replace every worker instead, closing their keep-alive connections. A
+    worker still starting gets the signal once it serves (its handler is installed by then; before, SIGHUP would
+    end it); one that is replaced meanwhile reads the file afresh anyway.
+
+    A worker that is gone has its gauges dropped from the shared metrics (:func:`stampd.metrics.forget_worker`).
+    """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], metrics_directory: str) -> None:
+        super().__init__(config, sockets)
+        self._metrics_directory = metrics_directory
+        self._reload_due: set[int] = set()
+        """Workers that owe a reload: signalled as soon as they serve."""
+        self._known: set[int] = set()
+        self.worker_failed_to_start = False
+        """True when a worker failed before serving: uvicorn then stops every worker (a restart would fail too)."""
+
+    def handle_hup(self) -> None:
+        log.warning("SIGHUP: each worker process reloads its TSUs and subscribers")
+        self._reload_due.update(self._pids())
+        self._pass_on_reloads()
+
+    def keep_subprocess_alive(self) -> None:
+        exiting = self.should_exit.is_set()
+        super().keep_subprocess_alive()
+        if self.should_exit.is_set() and not exiting:
+            self.worker_failed_to_start = True
+        self._forget_departed()
+        self._pass_on_reloads()
+
+    def _pids(self) -> set[int]:
+        return {p.pid for p in self.processes if p.pid is not None}
+
+    def _forget_departed(self) -> None:
+        current = self._pids()
+        for pid in self._known - current:
+            forget_worker(self._metrics_directory, pid)
+        self._known = current
+
+    def _pass_on_reloads(self) -> None:
+        self._reload_due &= self._pids()  # a worker started since loaded the file itself
+        for process in self.processes:
+            pid = process.pid
+            if pid in self._reload_due and process.is_ready(timeout=READY_PROBE_S):
+                assert pid is not None
+                with contextlib.suppress(ProcessLookupError):  # it died just now: its replacement loads the file
+                    os.kill(pid, signal.SIGHUP)
+                self._reload_due.discard(pid)
+
+
+@contextlib.contextmanager
+def _shared_metrics_directory() -> Iterator[str]:
+    """A new, empty directory only this user can read (0700), for the workers' metrics files; removed at exit.
+    A directory of its own per run: no file of an earlier run (or of another server) can be summed in."""
+    try:
+        directory = tempfile.mkdtemp(prefix="stampd-metrics-")
+    except OSError as e:
+        raise StampdError(
+            f"cannot make the workers' metrics directory in {tempfile.gettempdir()} ({e.strerror}): set TMPDIR"
+        ) from None
+    previous = os.environ.get(SHARED_DIRECTORY_ENV)
+    os.environ[SHARED_DIRECTORY_ENV] = directory  # inherited by every worker process started from now on
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop(SHARED_DIRECTORY_ENV, None)
+        else:
+            os.environ[SHARED_DIRECTORY_ENV] = previous
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def tls_options(tls: TlsConfig | None) -> dict[str, Any]:

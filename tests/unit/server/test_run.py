@@ -1,5 +1,6 @@
 """The uvicorn options of `stampd serve`: the client address is stampd's to decide (server.trusted_proxies), and
-native TLS offers TLS 1.2 or later with forward-secret AEAD cipher suites only.
+native TLS offers TLS 1.2 or later with forward-secret AEAD cipher suites only. With several workers, the
+supervisor passes SIGHUP on to the workers and gives them a private directory for their shared metrics.
 
 Issue 6 (trusted proxies, TLS client certificates); SPEC TRN-01.
 """
@@ -7,8 +8,11 @@ Issue 6 (trusted proxies, TLS client certificates); SPEC TRN-01.
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import ssl
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from uvicorn.config import create_ssl_context
+from uvicorn.config import STARTUP_FAILURE, create_ssl_context
+from uvicorn.supervisors.multiprocess import SIGNALS
 
-from stampd.config import Config, TlsConfig, load_config
+from stampd.config import CONFIG_ENV, Config, TlsConfig, load_config
+from stampd.errors import StampdError
+from stampd.metrics import SHARED_DIRECTORY_ENV
 from stampd.server import run
 from stampd.server.run import serve, tls_options
 
@@ -158,3 +165,120 @@ def test_uvicorn_never_rewrites_the_client_address_from_proxy_headers(
     config = _config(tmp_path, 'trusted_proxies = ["10.0.0.1/32"]\n')
     serve(config, object(), host="127.0.0.1", port=0, workers=1)  # type: ignore[arg-type]
     assert given["config"].proxy_headers is False
+
+
+class FakeWorker:
+    """A worker process as the supervisor sees it: alive, and serving once ``ready``."""
+
+    def __init__(self, pid: int, *, ready: bool = True, exitcode: int | None = None) -> None:
+        self.pid = pid
+        self.ready = ready
+        self.exitcode = exitcode
+
+    def is_ready(self, timeout: float = 5) -> bool:
+        return self.ready
+
+    def is_alive(self, timeout: float = 5) -> bool:
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        return None
+
+    def join(self) -> None:
+        return None
+
+
+@pytest.fixture
+def supervisor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[run.WorkerSupervisor, list[Any]]]:
+    """A WorkerSupervisor with fake workers 11 (serving) and 12 (starting); signals sent and gauges dropped are
+    recorded in the list instead. The signal handlers it installs are put back afterwards."""
+    saved = {number: signal.getsignal(number) for number in SIGNALS}
+    sent: list[Any] = []
+    monkeypatch.setattr(run.os, "kill", lambda pid, number: sent.append((pid, number)))
+    monkeypatch.setattr(run, "forget_worker", lambda directory, pid: sent.append(("forget", directory, pid)))
+    config = uvicorn.Config(run.FACTORY, factory=True, workers=2, log_config=None)
+    try:
+        supervising = run.WorkerSupervisor(config, [], str(tmp_path))
+        supervising.processes = [FakeWorker(11), FakeWorker(12, ready=False)]  # type: ignore[list-item]
+        supervising.keep_subprocess_alive()
+        yield supervising, sent
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
+def test_sighup_is_passed_on_to_each_worker_once_it_serves(
+    supervisor: tuple[run.WorkerSupervisor, list[Any]],
+) -> None:
+    """Issue 6 (SIGHUP reloads without dropping requests), with several workers: the supervisor sends SIGHUP to
+    each worker, which reloads in place, instead of replacing the workers; a worker still starting (before its
+    handler exists SIGHUP would end it) gets it as soon as it serves, and only once."""
+    supervising, sent = supervisor
+    supervising.handle_hup()
+    assert sent == [(11, signal.SIGHUP)]
+    supervising.keep_subprocess_alive()
+    assert sent == [(11, signal.SIGHUP)], "a worker still starting is left alone"
+    supervising.processes[1].ready = True  # type: ignore[attr-defined]
+    supervising.keep_subprocess_alive()
+    supervising.keep_subprocess_alive()
+    assert sent == [(11, signal.SIGHUP), (12, signal.SIGHUP)]
+
+
+def test_a_replaced_worker_has_its_gauges_dropped_and_owes_no_reload(
+    supervisor: tuple[run.WorkerSupervisor, list[Any]], tmp_path: Path
+) -> None:
+    """A worker that is gone (uvicorn replaced it after it died) has its gauges dropped from the shared metrics
+    directory; a reload it owed is not sent to the pid again, and its replacement, which read the configuration
+    itself, is not signalled."""
+    supervising, sent = supervisor
+    supervising.handle_hup()
+    supervising.processes[1] = FakeWorker(13)  # type: ignore[call-overload]
+    supervising.keep_subprocess_alive()
+    assert sent == [(11, signal.SIGHUP), ("forget", str(tmp_path), 12)]
+
+
+def test_a_worker_that_fails_to_start_makes_serve_fail(
+    supervisor: tuple[run.WorkerSupervisor, list[Any]],
+) -> None:
+    """uvicorn stops every worker when one fails before serving (a restart would fail the same way) and returns
+    quietly; the supervisor remembers it, so that `stampd serve` exits with an error instead of status 0."""
+    supervising, _ = supervisor
+    assert not supervising.worker_failed_to_start
+    supervising.processes[1] = FakeWorker(12, exitcode=STARTUP_FAILURE)  # type: ignore[call-overload]
+    supervising.keep_subprocess_alive()
+    assert supervising.should_exit.is_set()
+    assert supervising.worker_failed_to_start
+
+
+def test_several_workers_share_a_private_metrics_directory_removed_at_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 6 (observability), several workers: `serve` makes a new directory only its user can read (0700),
+    names it to the workers in PROMETHEUS_MULTIPROC_DIR while they run, removes it when they have stopped and
+    puts the environment back; a worker that failed to start makes `serve` raise."""
+    seen: dict[str, Any] = {}
+
+    def run_supervisor(self: run.WorkerSupervisor) -> None:
+        directory = Path(os.environ[SHARED_DIRECTORY_ENV])
+        (directory / "counter_1.db").write_bytes(b"")
+        seen["directory"], seen["mode"] = directory, directory.stat().st_mode & 0o777
+        seen["same"] = self._metrics_directory == str(directory)
+        self.worker_failed_to_start = seen.get("fail", False)
+
+    monkeypatch.setattr(run.WorkerSupervisor, "run", run_supervisor)
+    monkeypatch.setattr(uvicorn.Config, "bind_socket", lambda self: None)
+    monkeypatch.setenv(SHARED_DIRECTORY_ENV, "/elsewhere")
+    monkeypatch.setenv(CONFIG_ENV, "")  # serve names the configuration to the workers here
+    saved = {number: signal.getsignal(number) for number in SIGNALS}
+    try:
+        serve(_config(tmp_path), object(), host="127.0.0.1", port=0, workers=2)  # type: ignore[arg-type]
+        assert seen["mode"] == 0o700 and seen["same"]
+        assert not seen["directory"].exists()
+        assert os.environ[SHARED_DIRECTORY_ENV] == "/elsewhere"
+        seen["fail"] = True
+        with pytest.raises(StampdError, match="a worker process failed to start"):
+            serve(_config(tmp_path), object(), host="127.0.0.1", port=0, workers=2)  # type: ignore[arg-type]
+        assert not seen["directory"].exists()
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
