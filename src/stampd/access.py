@@ -447,6 +447,7 @@ class UsageLimit:
     limit: int
     resets_at_us: int | None
     what: str
+    kind: Literal["quota", "rate"] = "quota"
 
 
 def usage_limits(subscriber: Subscriber, now_us: int) -> tuple[UsageLimit, ...]:
@@ -458,7 +459,8 @@ def usage_limits(subscriber: Subscriber, now_us: int) -> tuple[UsageLimit, ...]:
         limits.append(UsageLimit(window, quota.limit, resets, f"quota {quota}"))
     if subscriber.rate_per_s is not None:
         window, second_ends = rate_window(now_us)
-        limits.append(UsageLimit(window, subscriber.rate_per_s, second_ends, f"rate limit {subscriber.rate_per_s}/s"))
+        rate = subscriber.rate_per_s
+        limits.append(UsageLimit(window, rate, second_ends, f"rate limit {rate}/s", "rate"))
     return tuple(limits)
 
 
@@ -472,6 +474,7 @@ def over_limit(subscriber: Subscriber, limit: UsageLimit, now_us: int) -> TooMan
     return TooManyRequests(
         f"subscriber {subscriber.name}: {limit.what} reached; it resets at {_iso(limit.resets_at_us)}",
         retry_after_s=retry_after_s,
+        limit=limit.kind,
     )
 
 

@@ -138,9 +138,11 @@ class TooManyRequests(TransportError):
 
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
+    def __init__(self, message: str, *, retry_after_s: int, limit: str = "quota") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.limit = limit
+        """``quota`` or ``rate``: which kind of limit is spent (the refusals metric's reason)."""
 
 
 # --- Relying party ---

@@ -173,6 +173,7 @@ def test_usage_limits_and_the_429_they_give() -> None:
     assert "total quota spent" in str(total)
     rate = over_limit(subscriber, limits[2], now)
     assert rate.retry_after_s == 1  # never 0
+    assert [day.limit, total.limit, rate.limit] == ["quota", "quota", "rate"]
     assert usage_limits(Subscriber("free"), now) == ()
 
 

@@ -278,7 +278,7 @@ class TimeStampApp:
         try:
             reservation = await asyncio.shield(reserving)
         except TooManyRequests as e:
-            SUBSCRIBER_REFUSALS.labels(tsu=path, reason=_over_limit_reason(e)).inc()
+            SUBSCRIBER_REFUSALS.labels(tsu=path, reason=e.limit).inc()
             raise
         except asyncio.CancelledError:
             reserving.add_done_callback(lambda done: self._settle(ledger, done, None))
@@ -454,12 +454,6 @@ class _RequestIds:
         if given and _CLIENT_REQUEST_ID.fullmatch(given):
             return given.decode("ascii")
         return f"{self._prefix}-{next(self._counter):x}"
-
-
-def _over_limit_reason(e: TooManyRequests) -> str:
-    """``rate`` or ``quota``, for the refusals metric (subscriber names hold no ':' or space, so the ledger's
-    message "subscriber NAME: rate limit N/s reached..." cannot be mistaken)."""
-    return "rate" if ": rate limit " in str(e) else "quota"
 
 
 async def _release(ledger: UsageLedger, reservation: Reservation) -> None:

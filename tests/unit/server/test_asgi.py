@@ -293,7 +293,7 @@ def test_identified_subscriber_is_granted_and_named(
 
 def test_over_quota_is_429_with_retry_after_and_nothing_issued() -> None:
     unit = FakeUnit()
-    rate = TooManyRequests("subscriber acme: rate limit 5/s reached; it resets at X", retry_after_s=1)
+    rate = TooManyRequests("subscriber acme: rate limit 5/s reached; it resets at X", retry_after_s=1, limit="rate")
     ledger = FakeLedger(full=rate)
     before = sample("stampd_subscriber_refusals_total", tsu="/tsa", reason="rate")
     answer = call(make_app(unit, ledger, rule=SUBSCRIBERS_ONLY), client="192.0.2.1")
