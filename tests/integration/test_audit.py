@@ -1,6 +1,7 @@
 """The records' evidence end to end (issue "Evidence that scales", item 3): a real `stampd serve` killed with
 SIGKILL under load and restarted leaves two intact chains (one per process run) that `stampd audit verify`
-accepts, with every token a client received in the records; and the same audit on PostgreSQL."""
+accepts, with every token a client received in the records; a deleted, reordered or edited entry that the
+command line names, with exit status 1; and the same audit on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import asyncio
 import hashlib
 import json
 import secrets
+import shutil
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import LiveTsa, TsaFactory
+from conftest import LiveTsa, TsaFactory, run_stampd
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from stampd.der.request import encode_request
@@ -113,6 +115,86 @@ def test_kill_9_under_load_then_restart_leaves_intact_chains(tsa_factory: TsaFac
     assert f"tokens chain {token_chains[0]['chain']} seq 3 (serial 0x" in tampered.stdout
     assert "edited" in tampered.stdout
     tsa.check_records = False  # its records were edited on purpose
+
+
+@pytest.fixture(scope="module")
+def audited_tsa(tsa_factory: TsaFactory) -> LiveTsa:
+    """A TSA that granted 10 tokens and stopped cleanly: one chain of tokens, one of events, a final checkpoint.
+    Its own records are never edited; each tampering case works on a copy of its directory."""
+    tsa = tsa_factory("ec-p256", name="audit-tamper")
+    for i in range(10):
+        tsa.timestamp(_query(hashlib.sha256(f"tamper-{i}".encode()).digest()))
+    tsa.stop()
+    return tsa
+
+
+def _one(conn: sqlite3.Connection, sql: str, *args: object) -> str:
+    (value,) = conn.execute(sql, args).fetchone()
+    return str(value)
+
+
+def _delete_token(conn: sqlite3.Connection, chain: str) -> str:
+    following = _one(conn, "SELECT serial FROM tokens WHERE chain = ? AND seq = 6", chain)
+    conn.execute("DELETE FROM tokens WHERE chain = ? AND seq = 5", (chain,))
+    return f"tokens chain {chain} seq 6 (serial 0x{following}): missing entry before it (seq 5 deleted)"
+
+
+def _delete_last_token(conn: sqlite3.Connection, chain: str) -> str:
+    conn.execute("DELETE FROM tokens WHERE chain = ? AND seq = 10", (chain,))
+    return f"tokens chain {chain} seq 10: missing: checkpoint "  # the final checkpoint signed seq 10
+
+
+def _swap_tokens(first: int, second: int, reason: str = "") -> Callable[[sqlite3.Connection, str], str]:
+    """Exchange the places of two token rows (through seq -1: (chain, seq) is unique at every step); the problem
+    names the entry now at ``first``, with ``reason`` if given."""
+
+    def swap(conn: sqlite3.Connection, chain: str) -> str:
+        moved = _one(conn, "SELECT serial FROM tokens WHERE chain = ? AND seq = ?", chain, second)
+        for old, new in ((first, -1), (second, first), (-1, second)):
+            conn.execute("UPDATE tokens SET seq = ? WHERE chain = ? AND seq = ?", (new, chain, old))
+        return f"tokens chain {chain} seq {first} (serial 0x{moved}): {reason}"
+
+    return swap
+
+
+def _edit_event(conn: sqlite3.Connection, chain: str) -> str:
+    kind = _one(conn, "SELECT kind FROM events WHERE chain = ? AND seq = 1", chain)
+    conn.execute("UPDATE events SET detail = '{\"pid\": 1}' WHERE chain = ? AND seq = 1", (chain,))
+    return f"events chain {chain} seq 1 (event {kind}): edited (its fields no longer hash to its entry hash)"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "table"),
+    [
+        pytest.param(_delete_token, "tokens", id="token-deleted"),
+        pytest.param(_delete_last_token, "tokens", id="last-token-deleted"),
+        pytest.param(_swap_tokens(3, 6, "out of order (this entry was recorded at seq 6)"), "tokens", id="swapped"),
+        pytest.param(_swap_tokens(3, 4), "tokens", id="adjacent-swapped"),
+        pytest.param(_edit_event, "events", id="event-edited"),
+    ],
+)
+def test_audit_verify_names_a_deleted_reordered_or_edited_entry(
+    audited_tsa: LiveTsa, tmp_path: Path, tamper: Callable[[sqlite3.Connection, str], str], table: str
+) -> None:
+    """`stampd audit verify` on a copy of intact records: OK; then after one deletion, reordering or edit: exit
+    status 1, the chain marked FAILED and the bad entry named by table, chain and seq."""
+    copy = tmp_path / "tsa"
+    shutil.copytree(audited_tsa.dir, copy)
+    config = copy / "stampd.toml"
+    intact = run_stampd("audit", "verify", "-c", config, check=False)
+    assert intact.returncode == 0 and "Audit: OK" in intact.stdout, intact.stdout + intact.stderr
+    assert "checkpoints verified: " in intact.stdout and "checkpoints verified: 0" not in intact.stdout
+
+    with sqlite3.connect(copy / "records.sqlite3") as conn:
+        (chain,) = {str(c) for (c,) in conn.execute(f"SELECT chain FROM {table}")}  # one process run, one chain
+        problem = tamper(conn, chain)
+    conn.close()
+    result = run_stampd("audit", "verify", "-c", config, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"problem: {problem}" in result.stdout, result.stdout
+    assert f"[FAILED] {table} chain {chain}: " in result.stdout
+    assert result.stdout.count("problem: ") == 1, result.stdout  # the other chain is intact
+    assert result.stdout.rstrip().endswith("Audit: FAILED")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from stampd.der.request import encode_request
 from stampd.der.token_reader import read_response
@@ -149,7 +150,24 @@ def test_issuance_follows_the_time_sources_ops_02_ops_03(
     assert unreachable == {r.address for r in responders}
 
 
-def test_metrics_expose_the_clock(monitored_tsa: LiveTsa) -> None:
+def clock_metrics(tsa: LiveTsa) -> dict[str, float]:
+    """The clock's unlabelled gauges from GET /metrics, read with Prometheus' own parser."""
+    conn = tsa.connection(timeout=5)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name.startswith("stampd_clock_") and not sample.labels
+    }
+
+
+def test_metrics_expose_the_clock(monitored_tsa: LiveTsa, responders: list[FakeNtpServer]) -> None:
+    """The two responders 0.25 s ahead, chrony (this host's clock) left behind as the outlier: the offset is the
+    responders' 0.25 s, within the loopback round trip, with 2 sources agreeing and an error bound just above it
+    (SPEC OPS-03); back to 0 when they are."""
     conn = monitored_tsa.connection(timeout=5)
     conn.request("GET", "/metrics")
     body = conn.getresponse().read().decode()
@@ -157,6 +175,22 @@ def test_metrics_expose_the_clock(monitored_tsa: LiveTsa) -> None:
     assert re.search(r"^stampd_clock_agreeing_sources \d", body, re.M)
     assert re.search(r"^stampd_clock_error_bound_seconds [0-9.e-]+$", body, re.M)
     assert re.search(r'^stampd_clock_state\{state="(synchronised|unsynchronised)"\} 1\.0$', body, re.M)
+
+    try:
+        for r in responders:
+            r.offset_s = 0.25
+        # Both responders ahead make the majority; a check that saw only one of them ahead still gives about 0.
+        wait_for(lambda: clock_metrics(monitored_tsa)["stampd_clock_offset_seconds"] > 0.1, 3 * CHECK_INTERVAL_S)
+        ahead = clock_metrics(monitored_tsa)
+        assert ahead["stampd_clock_offset_seconds"] == pytest.approx(0.25, abs=0.005), ahead
+        assert ahead["stampd_clock_agreeing_sources"] == 2, ahead
+        assert 0.249 < ahead["stampd_clock_error_bound_seconds"] < 0.26, ahead
+        assert status(monitored_tsa) == (0, ())  # 0.26 s is within accuracy (1 s) minus margin (100 ms)
+    finally:
+        for r in responders:
+            r.offset_s = 0.0
+    wait_for(lambda: clock_metrics(monitored_tsa)["stampd_clock_agreeing_sources"] == 3, 3 * CHECK_INTERVAL_S)
+    assert clock_metrics(monitored_tsa)["stampd_clock_offset_seconds"] == pytest.approx(0.0, abs=0.005)
 
 
 def test_service_events_carry_the_clock_state_ops_04(monitored_tsa: LiveTsa) -> None:

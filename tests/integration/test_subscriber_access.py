@@ -626,10 +626,39 @@ def _hammer(
     return answers
 
 
+UNLISTED_ADDRESS = "127.0.0.2"
+"""A loopback address in no subscriber's networks: a request from it without credentials identifies nobody."""
+
+
+def _unauthorised(nodes: list[LiveTsa], each: int) -> list[Answer]:
+    """``each`` requests per node and kind that identify nobody: no credentials from an unlisted address, and a
+    wrong API token or wrong basic credentials from the listed 127.0.0.1 (which never excuses them)."""
+    kinds: list[tuple[str | None, dict[str, str]]] = [
+        (UNLISTED_ADDRESS, {}),
+        (None, bearer("stampd_" + secrets.token_urlsafe(32))),
+        (None, basic("fifty", "not-the-password")),
+    ]
+
+    def client(job: tuple[LiveTsa, str | None, dict[str, str]]) -> list[Answer]:
+        node, source, headers = job
+        source_address = (source, 0) if source is not None else None
+        conn = http.client.HTTPConnection(node.host, node.port, timeout=30, source_address=source_address)
+        try:
+            return [post(node, headers=headers, conn=conn) for _ in range(each)]
+        finally:
+            conn.close()
+
+    jobs = [(node, source, headers) for node in nodes for source, headers in kinds]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return [answer for answers in pool.map(client, jobs) for answer in answers]
+
+
 def test_quota_and_rate_exact_across_two_processes_on_postgresql(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
-    """Two `stampd serve` processes share PostgreSQL. 200 concurrent requests of a 50/day subscriber: exactly 50
-    granted tokens in the records, every other answer 429 with Retry-After, and `stampd usage report` says 50.
-    Then a 5/s subscriber hammered for 3 s: never more than 5 granted tokens dated in one second."""
+    """Two `stampd serve` processes share PostgreSQL. 200 concurrent requests of a 50/day subscriber, while 120
+    requests that identify nobody (no credentials from an unlisted address, a wrong token, a wrong password) go to
+    both nodes: exactly 50 granted tokens in the records, every other answer of the subscriber 429 with
+    Retry-After, every unidentified one 401 with nothing recorded or counted for it, and `stampd usage report`
+    says 50. Then a 5/s subscriber hammered for 3 s: never more than 5 granted tokens dated in one second."""
     directory = tmp_path / "tsa"
     run_stampd("init", directory)
     config = directory / "stampd.toml"
@@ -653,12 +682,22 @@ def test_quota_and_rate_exact_across_two_processes_on_postgresql(pg_url: str, tm
     for node in nodes:
         node.start()
     try:
-        answers = _hammer(nodes, 200, {})
+        with ThreadPoolExecutor(1) as background:
+            refused = background.submit(_unauthorised, nodes, 20)
+            answers = _hammer(nodes, 200, {})
+            unauthorised = refused.result()
+        refusals = [
+            value(metrics(node), "stampd_subscriber_refusals_total", tsu="/", reason="unauthorized") for node in nodes
+        ]
         rate_answers = _hammer(nodes, None, bearer(rate_token), seconds=3.0, threads=8)
     finally:
         for node in nodes:
             node.stop()
 
+    assert len(unauthorised) == 2 * 3 * 20
+    assert Counter(a.status for a in unauthorised) == {401: 120}
+    assert all(a.headers["WWW-Authenticate"] == CHALLENGE for a in unauthorised)
+    assert refusals == [60.0, 60.0]  # each node counted its own 60, and nothing else as unauthorised
     assert len(answers) == 200
     statuses = Counter(a.status for a in answers)
     assert statuses == {200: 50, 429: 150}, statuses
@@ -687,6 +726,7 @@ def test_quota_and_rate_exact_across_two_processes_on_postgresql(pg_url: str, tm
     )
     rows = {r["subscriber"]: r for r in json.loads(report.stdout)}
     assert rows["fifty"]["tokens"] == 50 and rows["fifty"]["tsu"] == "default"
+    assert set(rows) == {"fifty", "five"}, rows  # the refused requests are nobody's usage
 
     rate_statuses = Counter(a.status for a in rate_answers)
     assert set(rate_statuses) == {200, 429} and rate_statuses[429] > rate_statuses[200], rate_statuses
@@ -696,4 +736,7 @@ def test_quota_and_rate_exact_across_two_processes_on_postgresql(pg_url: str, tm
     )
     assert sum(per_second.values()) == rate_statuses[200] == rows["five"]["tokens"]
     assert max(per_second.values()) == 5, per_second  # the limit is reached, and never exceeded
+    by_subscriber = dict(_pg_rows(pg_url, "SELECT subscriber, count(*) FROM tokens WHERE tsu = 'default' GROUP BY 1"))
+    assert by_subscriber == {"fifty": 50, "five": rate_statuses[200]}, by_subscriber  # no NULL, no one else
+    assert by_subscriber["five"] + 50 == len(nodes[0].granted) + len(nodes[1].granted)
     assert len(per_second) >= 3

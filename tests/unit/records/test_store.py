@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stampd.errors import RecordingError
+from stampd.metrics import REGISTRY
 from stampd.model import TokenRecord
+from stampd.records import store as store_module
 from stampd.records.migrate import upgrade
-from stampd.records.store import RecordStore
+from stampd.records.store import RecordStore, serial_key
 
 
 def record(serial: int, imprint: bytes = b"\x01" * 32, nonce: int | None = 7) -> TokenRecord:
@@ -53,6 +59,88 @@ def test_concurrent_records_are_committed_and_read_back(store: RecordStore, tmp_
     assert store.token_by_serial(12345) is None
     found = store.tokens_by_imprint(bytes([3]) * 32)
     assert {r.serial for r in found} == {2**159 + i for i in range(1000) if i % 7 == 3}
+
+
+class SlowCommitter(ThreadPoolExecutor):
+    """The store's commit thread, with every COMMIT held back a little and counted: while one is in flight, the
+    records that arrive queue up for the next transaction."""
+
+    HOLD_S = 0.01
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        def held() -> Any:
+            time.sleep(self.HOLD_S)
+            result = fn(*args, **kwargs)
+            with self._lock:
+                self.commits += 1
+            return result
+
+        return super().submit(held)
+
+
+@pytest.fixture
+def slow_commits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[RecordStore, list[SlowCommitter]]]:
+    committers: list[SlowCommitter] = []
+
+    def make(*args: Any, **kwargs: Any) -> SlowCommitter:
+        committers.append(SlowCommitter(*args, **kwargs))
+        return committers[-1]
+
+    monkeypatch.setattr(store_module, "ThreadPoolExecutor", make)
+    url = f"sqlite:///{tmp_path / 'records.sqlite3'}"
+    upgrade(url)
+    s = RecordStore(url)
+    yield s, committers
+    s.close()
+
+
+def _batches() -> tuple[float, float]:
+    """(committed transactions, records in them) so far, from the stampd_record_batch_size histogram."""
+    count = REGISTRY.get_sample_value("stampd_record_batch_size_count")
+    total = REGISTRY.get_sample_value("stampd_record_batch_size_sum")
+    return count or 0.0, total or 0.0
+
+
+def test_concurrent_records_share_transactions_and_wait_for_their_commit_ops_09(
+    slow_commits: tuple[RecordStore, list[SlowCommitter]], tmp_path: Path
+) -> None:
+    """Group commit: 200 requests arriving over about 100 ms, while each COMMIT takes at least 10 ms, are
+    recorded in far fewer transactions than records (counted at the commit thread and by the batch-size
+    histogram); and no request is answered before the transaction holding its record has committed: at the
+    moment each `record` returns, another connection already reads the row."""
+    store, (committer,) = slow_commits
+    path = tmp_path / "records.sqlite3"
+    records = [record(2**150 + i, imprint=bytes([i % 5]) * 32) for i in range(200)]
+    unseen: list[int] = []
+
+    async def arrive(i: int, r: TokenRecord) -> None:
+        await asyncio.sleep(i * 0.0005)  # spread over several commits, not all in one loop iteration
+        await store.record(r)
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as reader:
+            row = reader.execute("select 1 from tokens where serial = ?", (serial_key(r.serial),)).fetchone()
+        reader.close()
+        if row is None:
+            unseen.append(r.serial)
+
+    async def run() -> None:
+        await asyncio.gather(*(arrive(i, r) for i, r in enumerate(records)))
+
+    batches_before, records_before = _batches()
+    asyncio.run(run())
+    batches, recorded = _batches()
+    assert unseen == []
+    assert recorded - records_before == 200
+    assert batches - batches_before == committer.commits
+    assert 1 < committer.commits < 200 / 10, committer.commits
+    assert all(store.token_by_serial(r.serial) == r for r in records)
+    with sqlite3.connect(path) as db:
+        assert db.execute("select count(*), count(distinct seq), max(seq) from tokens").fetchone() == (200, 200, 200)
+    db.close()
 
 
 def test_duplicate_serial_fails_only_that_token_tst_04(store: RecordStore) -> None:
