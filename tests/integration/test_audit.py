@@ -169,7 +169,9 @@ def _edit_event(conn: sqlite3.Connection, chain: str) -> str:
         pytest.param(_delete_token, "tokens", id="token-deleted"),
         pytest.param(_delete_last_token, "tokens", id="last-token-deleted"),
         pytest.param(_swap_tokens(3, 6, "out of order (this entry was recorded at seq 6)"), "tokens", id="swapped"),
-        pytest.param(_swap_tokens(3, 4), "tokens", id="adjacent-swapped"),
+        pytest.param(
+            _swap_tokens(3, 4, "out of order (this entry was recorded at seq 4)"), "tokens", id="adjacent-swapped"
+        ),
         pytest.param(_edit_event, "events", id="event-edited"),
     ],
 )

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -121,12 +123,17 @@ def _certificates(paths: Sequence[Path]) -> tuple[bytes, ...]:
 
 
 def _password(user: str | None, password_file: Path | None) -> str | None:
-    """The basic password: from --password-file (its first line), else asked for twice on the terminal; never
-    from the command line, where other users and the shell history would see it."""
+    """The basic password of ``user`` (None without one): see :func:`_new_password`."""
     if user is None:
         if password_file is not None:
             raise click.BadParameter("--password-file needs --basic-user", param_hint="--password-file")
         return None
+    return _new_password(user, password_file)
+
+
+def _new_password(user: str, password_file: Path | None) -> str:
+    """A basic password: from --password-file (its first line), else asked for twice on the terminal; never from
+    the command line, where other users and the shell history would see it."""
     if password_file is not None:
         try:
             lines = password_file.read_text(encoding="utf-8").splitlines()
@@ -140,6 +147,20 @@ def _password(user: str | None, password_file: Path | None) -> str | None:
     if len(password) < 12:
         raise click.BadParameter("the password must have at least 12 characters", param_hint="--password-file")
     return password
+
+
+def _basic_user(user: str | None) -> str | None:
+    if user is not None and (not user or ":" in user):
+        raise click.BadParameter("a basic user name is not empty and has no ':'", param_hint="--basic-user")
+    return user
+
+
+def _known_tsus(config: Config, tsus: Sequence[str]) -> frozenset[str]:
+    unknown = sorted(set(tsus) - {tsu.name for tsu in config.tsus})
+    if unknown:
+        # A misspelt TSU would restrict the subscriber to a TSU that does not exist: 403 on every request.
+        raise click.BadParameter(f"{', '.join(unknown)}: no such TSU in {config.source}", param_hint="--tsu")
+    return frozenset(tsus)
 
 
 @command.command("add")
@@ -181,14 +202,10 @@ def add(
     name = _name(name)
     if not (ips or with_token or basic_user or certs):
         raise click.UsageError("give at least one of --ip, --token, --basic-user or --cert: how is it identified?")
-    if basic_user is not None and (not basic_user or ":" in basic_user):
-        raise click.BadParameter("a basic user name is not empty and has no ':'", param_hint="--basic-user")
+    basic_user = _basic_user(basic_user)
     networks, quota_list, rate_per_s = _networks(ips), _quotas(quotas), _rate(rate)
     config = load_config(config_file)
-    unknown = sorted(set(tsus) - {tsu.name for tsu in config.tsus})
-    if unknown:
-        # A misspelt TSU would restrict the subscriber to a TSU that does not exist: 403 on every request.
-        raise click.BadParameter(f"{', '.join(unknown)}: no such TSU in {config_file}", param_hint="--tsu")
+    allowed_tsus = _known_tsus(config, tsus)
     fingerprints = _certificates(certs)
     password = _password(basic_user, password_file)
     token = new_token() if with_token else None
@@ -202,7 +219,7 @@ def add(
         cert_sha256=fingerprints,
         quotas=quota_list,
         rate_per_s=rate_per_s,
-        tsus=frozenset(tsus) if tsus else None,
+        tsus=allowed_tsus or None,
     )
     store = open_store(config)
     try:
@@ -215,6 +232,121 @@ def add(
     if token is not None:
         click.echo("API token (shown only now; stampd keeps only its hash):")
         click.echo(token)
+
+
+_CONFLICTS = (
+    ("ips", "--ip", "no_ip", "--no-ip"),
+    ("with_token", "--token", "no_token", "--no-token"),
+    ("basic_user", "--basic-user", "no_basic", "--no-basic"),
+    ("password_file", "--password-file", "no_basic", "--no-basic"),
+    ("certs", "--cert", "no_cert", "--no-cert"),
+    ("quotas", "--quota", "no_quota", "--no-quota"),
+    ("rate", "--rate", "no_rate", "--no-rate"),
+    ("tsus", "--tsu", "all_tsus", "--all-tsus"),
+)
+"""Options of `update` that contradict each other: (parameter, option, parameter, option)."""
+
+
+def _refuse_conflicts(given: dict[str, Any]) -> None:
+    present = {parameter for parameter, value in given.items() if value not in (None, False, ())}
+    for first, first_option, second, second_option in _CONFLICTS:
+        if first in present and second in present:
+            raise click.UsageError(f"{first_option} and {second_option} contradict each other: give one of them")
+    if not present:
+        raise click.UsageError("nothing to change: give at least one option (see --help)")
+
+
+@command.command("update")
+@config_option
+@click.argument("name")
+@click.option("--ip", "ips", multiple=True, metavar="CIDR", help="Replace the addresses and networks (repeat).")
+@click.option("--no-ip", is_flag=True, help="Remove every address and network.")
+@click.option("--token", "with_token", is_flag=True, help="Generate a new API token, shown once; the old one stops.")
+@click.option("--no-token", is_flag=True, help="Remove the API token.")
+@click.option("--basic-user", metavar="USER", help="Replace the basic credentials; the password is asked for.")
+@click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File whose first line is the new basic password (alone: a new password for the same user).",
+)
+@click.option("--no-basic", is_flag=True, help="Remove the basic credentials.")
+@click.option(
+    "--cert",
+    "certs",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Replace the client certificates (PEM or DER; repeat).",
+)
+@click.option("--no-cert", is_flag=True, help="Remove every client certificate.")
+@click.option("--quota", "quotas", multiple=True, metavar="N/PERIOD", help="Replace the quotas (repeat).")
+@click.option("--no-quota", is_flag=True, help="Remove every quota.")
+@click.option("--rate", metavar="N/s", help="Replace the rate limit.")
+@click.option("--no-rate", is_flag=True, help="Remove the rate limit.")
+@click.option("--tsu", "tsus", multiple=True, metavar="NAME", help="Restrict it to these TSUs instead (repeat).")
+@click.option("--all-tsus", is_flag=True, help="Let it use every TSU that serves subscribers.")
+def update_command(*, config_file: str, name: str, **given: Any) -> None:
+    """Change subscriber NAME: only what is given, each option replacing that whole list (every --ip, every
+    --quota, ...). A quota change applies to the current window's count. Running servers pick it up within
+    5 seconds, or at once on `stampd reload`."""
+    _refuse_conflicts(given)
+    changes: dict[str, Any] = {}
+    if given["ips"] or given["no_ip"]:
+        changes["networks"] = _networks(given["ips"])
+    if given["certs"] or given["no_cert"]:
+        changes["cert_sha256"] = _certificates(given["certs"])
+    if given["quotas"] or given["no_quota"]:
+        changes["quotas"] = _quotas(given["quotas"])
+    if given["rate"] is not None or given["no_rate"]:
+        changes["rate_per_s"] = _rate(given["rate"])
+    if given["no_basic"]:
+        changes["basic_user"] = changes["basic_hash"] = None
+    basic_user = _basic_user(given["basic_user"])
+    config = load_config(config_file)
+    if given["tsus"] or given["all_tsus"]:
+        changes["tsus"] = _known_tsus(config, given["tsus"]) or None
+    store = open_store(config)
+    try:
+        current = store.get(name)
+        if current is None:
+            click.echo(f"no subscriber {name}", err=True)
+            sys.exit(1)
+        if basic_user is not None or given["password_file"] is not None:
+            user = basic_user or current.basic_user
+            if user is None:
+                raise click.BadParameter(
+                    f"subscriber {name} has no basic user: give --basic-user", param_hint="--password-file"
+                )
+            password = _new_password(user, given["password_file"])
+            changes["basic_user"] = basic_user  # None: the user at the time of the update keeps it
+            changes["basic_hash"] = hash_password(password, os.urandom(SALT_BYTES))
+        token = new_token() if given["with_token"] else None
+        if token is not None or given["no_token"]:
+            changes["token_sha256"] = None if token is None else hash_token(token)
+        changed = store.update(name, functools.partial(_changed, changes))
+    except KeyError:
+        click.echo(f"no subscriber {name}", err=True)
+        sys.exit(1)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        store.close()
+    if not changed:
+        click.echo(f"subscriber {name} unchanged")
+        return
+    click.echo(f"subscriber {name} updated: {', '.join(changed)}")
+    if token is not None:
+        click.echo("API token (shown only now; the previous one no longer works; stampd keeps only its hash):")
+        click.echo(token)
+
+
+def _changed(changes: dict[str, Any], current: Subscriber) -> Subscriber:
+    """``current`` with ``changes``; new basic credentials without a user name keep the current user (read in the
+    update's transaction: ValueError if it has none by then)."""
+    if "basic_hash" in changes and changes["basic_hash"] is not None and changes["basic_user"] is None:
+        if current.basic_user is None:
+            raise ValueError(f"subscriber {current.name} has no basic user any more: give --basic-user")
+        changes = {**changes, "basic_user": current.basic_user}
+    return dataclasses.replace(current, **changes)
 
 
 def _text(description: dict[str, Any]) -> list[str]:

@@ -342,9 +342,10 @@ class _ChainWalk:
         if after is None:
             self._fail(seq, row, "missing entry before it (the entry it was recorded after is gone or was edited)")
             return
-        recorded_at = after + 1
-        intact = self._hash(prev_hash, r.chain, recorded_at, fields) == fields["entry_hash"]
-        if recorded_at < seq and intact:
+        recorded_at = self._recorded_at(after, fields)
+        if recorded_at is None or recorded_at == seq:
+            self._fail(seq, row, "edited (it no longer links to the entry before it)")
+        elif recorded_at == after + 1 and recorded_at < seq:
             query = select(table).where(table.c.chain == r.chain, table.c.seq == recorded_at)
             with self._engine.connect() as conn:
                 forged = conn.execute(query).first()
@@ -354,10 +355,18 @@ class _ChainWalk:
                 f"inserted (the entry now at seq {seq}, {_identify(r.table, row)}, was recorded right after "
                 f"seq {after})",
             )
-        elif recorded_at != seq and intact:
-            self._fail(seq, row, f"out of order (this entry was recorded at seq {recorded_at})")
         else:
-            self._fail(seq, row, "edited (it no longer links to the entry before it)")
+            self._fail(seq, row, f"out of order (this entry was recorded at seq {recorded_at})")
+
+    def _recorded_at(self, after: int, fields: dict[str, Any]) -> int | None:
+        """The seq the entry was recorded at, if its fields still hash to its entry hash there: right after the
+        entry it follows (``after``, where that entry sits now), or at ``after`` itself when that entry was moved
+        one place on, as when two neighbours were swapped. The hash covers the seq, so a match is proof."""
+        chain = self._report.chain
+        for candidate in (after + 1, after):
+            if candidate > 0 and self._hash(fields["prev_hash"], chain, candidate, fields) == fields["entry_hash"]:
+                return candidate
+        return None
 
     def finish(self) -> None:
         r = self._report

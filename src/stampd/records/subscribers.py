@@ -1,8 +1,9 @@
 """The subscribers in the records database (`stampd subscribers ...`; issue 6).
 
-Every change is written together with its event (``subscriber.added``, ``subscriber.disabled``,
-``subscriber.enabled``) in one transaction, the event chained like every other (stampd.records.chain) under a
-chain of this store's own, so `stampd audit verify` checks the history of the subscribers too. No secret enters
+Every change is written together with its event (``subscriber.added``, ``subscriber.updated``,
+``subscriber.disabled``, ``subscriber.enabled``) in one transaction, the event chained like every other
+(stampd.records.chain) under a chain of this store's own, so `stampd audit verify` checks the history of the
+subscribers too. No secret enters
 the store: an API token only as its SHA-256, a basic password only as its scrypt hash; and no hash enters an event.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from ipaddress import ip_network
 from typing import Any
 
@@ -30,6 +31,14 @@ def _to_row(subscriber: Subscriber, created_at_us: int) -> dict[str, Any]:
     return {
         "name": subscriber.name,
         "enabled": subscriber.enabled,
+        **_identifiers_and_limits(subscriber),
+        "created_at_us": created_at_us,
+    }
+
+
+def _identifiers_and_limits(subscriber: Subscriber) -> dict[str, Any]:
+    """The columns :meth:`SubscriberStore.update` may change."""
+    return {
         "networks": json.dumps([str(n) for n in subscriber.networks]),
         "token_sha256": subscriber.token_sha256,
         "basic_user": subscriber.basic_user,
@@ -38,7 +47,6 @@ def _to_row(subscriber: Subscriber, created_at_us: int) -> dict[str, Any]:
         "quotas": json.dumps([str(q) for q in subscriber.quotas]),
         "rate_per_s": subscriber.rate_per_s,
         "tsus": None if subscriber.tsus is None else json.dumps(sorted(subscriber.tsus)),
-        "created_at_us": created_at_us,
     }
 
 
@@ -73,6 +81,34 @@ def described(subscriber: Subscriber) -> dict[str, Any]:
     }
 
 
+UPDATABLE: dict[str, tuple[tuple[str, ...], str]] = {
+    "networks": (("networks",), "networks"),
+    "token": (("token_sha256",), "token"),
+    "basic": (("basic_user", "basic_hash"), "basic_user"),
+    "certificates": (("cert_sha256",), "certificates"),
+    "quotas": (("quotas",), "quotas"),
+    "rate_per_s": (("rate_per_s",), "rate_per_s"),
+    "tsus": (("tsus",), "tsus"),
+}
+"""What :meth:`SubscriberStore.update` may change, by the name its event gives it: the `Subscriber` attributes it
+covers, and the key of :func:`described` that the event shows for it (never a secret or a hash: a new token shows
+as ``"token": true``, new basic credentials as the user name)."""
+
+
+def changed_fields(before: Subscriber, after: Subscriber) -> tuple[str, ...]:
+    """The :data:`UPDATABLE` names whose attributes differ (lists compared as sets: their order means nothing)."""
+
+    def value(subscriber: Subscriber, attribute: str) -> Any:
+        found = getattr(subscriber, attribute)
+        return frozenset(found) if isinstance(found, tuple) else found
+
+    return tuple(
+        name
+        for name, (attributes, _) in UPDATABLE.items()
+        if any(value(before, a) != value(after, a) for a in attributes)
+    )
+
+
 class SubscriberStore:
     """Add, read, enable and disable subscribers; :meth:`load_directory` gives the server its snapshot."""
 
@@ -103,6 +139,42 @@ class SubscriberStore:
             SubscriberDirectory([*existing, subscriber])  # refuses an identifier claimed twice
             conn.execute(insert(subscribers), [_to_row(subscriber, _now_us())])
             self._event(conn, "subscriber.added", described(subscriber))
+
+    def update(self, name: str, change: Callable[[Subscriber], Subscriber]) -> tuple[str, ...]:
+        """Replace subscriber ``name`` with ``change(current)``, read and written in one transaction (no concurrent
+        update is lost), with a ``subscriber.updated`` event naming what changed: the names of :data:`UPDATABLE`,
+        empty when nothing did (and then nothing is recorded). KeyError for an unknown name; ValueError (nothing
+        written) if ``change`` raises it, renames or enables/disables, leaves no identifier, or claims an identifier
+        of another subscriber."""
+        with self._transaction(f"update subscriber {name}") as conn:
+            if self._engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("LOCK TABLE subscribers IN SHARE ROW EXCLUSIVE MODE")
+            existing = self._all(conn)
+            current = next((s for s in existing if s.name == name), None)
+            if current is None:
+                raise KeyError(name)
+            updated = change(current)
+            if (updated.name, updated.enabled) != (current.name, current.enabled):
+                raise ValueError("an update changes neither the name nor the enabled state")
+            if not (updated.networks or updated.token_sha256 or updated.basic_user or updated.cert_sha256):
+                raise ValueError(
+                    f"subscriber {name} would have no identifier left: keep or give a network, a token, "
+                    "basic credentials or a certificate"
+                )
+            changed = changed_fields(current, updated)
+            if not changed:
+                return ()
+            # Refuses an identifier claimed twice, naming the other subscriber (the one checked last is refused).
+            SubscriberDirectory([*(s for s in existing if s.name != name), updated])
+            values = _identifiers_and_limits(updated)
+            conn.execute(update(subscribers).where(subscribers.c.name == name).values(**values))
+            now = described(updated)
+            self._event(
+                conn,
+                "subscriber.updated",
+                {"name": name, "changed": list(changed), **{UPDATABLE[f][1]: now[UPDATABLE[f][1]] for f in changed}},
+            )
+        return changed
 
     def set_enabled(self, name: str, enabled: bool) -> bool:
         """Enable or disable ``name``; False when it already was (nothing recorded). KeyError for an unknown name."""

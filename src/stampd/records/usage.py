@@ -20,16 +20,17 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, Engine, bindparam, event, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from stampd.access import Reservation, Subscriber, usage_limits
+from stampd.access import Period, Quota, Reservation, Subscriber, usage_limits
 from stampd.access import over_limit as _over_limit
 from stampd.errors import RecordingError
 from stampd.records.engine import open_engine
@@ -43,10 +44,24 @@ LEDGER_BUSY_TIMEOUT_MS = 5000
 thread, never on the event loop, so it can be longer than the token store's."""
 
 PURGE_EVERY_S = 60
-"""Rate counters (one row per subscriber per second) older than a few seconds are deleted about this often."""
+"""Expired counters are deleted about this often: rate counters (one row per subscriber per second) older than a
+few seconds, and hour, day and month counters whose window ended at least one whole window ago."""
 
 MAX_BATCH = 512
 """Reservations and releases per transaction at most (as many as the token store commits at once)."""
+
+_US_PER_HOUR = 3600 * 1_000_000
+_US_PER_DAY = 24 * _US_PER_HOUR
+
+
+def expired_before(now_us: int) -> dict[str, str]:
+    """Per calendar period (hour, day, month), the key of the window before the current one: every window whose key
+    sorts below it ended at least one whole window before ``now_us`` (an hour window more than 2 hours ago)."""
+    hour_start = now_us - now_us % _US_PER_HOUR
+    day_start = now_us - now_us % _US_PER_DAY
+    month_start = int(datetime.fromtimestamp(day_start // 1_000_000, UTC).replace(day=1).timestamp()) * 1_000_000
+    starts: dict[Period, int] = {"hour": hour_start, "day": day_start, "month": month_start}
+    return {period: Quota(1, period).window(start - 1)[0] for period, start in starts.items()}
 
 
 def serialise_sqlite_writers(engine: Engine) -> None:
@@ -262,16 +277,22 @@ class SqlUsageLedger:
         if now_s < self._next_purge_s:
             return
         self._next_purge_s = now_s + PURGE_EVERY_S
-        self._executor.submit(self._purge, now_s - 2)
+        self._executor.submit(self._purge, now_us)
 
-    def _purge(self, before_s: int) -> int:
-        """Delete rate counters of seconds before ``before_s``: they can never be incremented again. Windows of
-        one second compare as text, which orders epoch seconds correctly while they have 10 digits (until 2286)."""
+    def _purge(self, now_us: int) -> int:
+        """Delete the counters that can never be incremented or released again: rate counters of seconds more than
+        two seconds ago, and each calendar window before the previous one (a release may still come for a window
+        that has just ended). ``total`` is never deleted. Windows compare as text: their keys are zero-padded, so
+        text order is time order (epoch seconds while they have 10 digits, until 2286)."""
         table = usage_counters
-        statement = table.delete().where(table.c.window.like("s:%"), table.c.window < f"s:{before_s}")
+        expired = [table.c.window.like("s:%") & (table.c.window < f"s:{now_us // 1_000_000 - 2}")]
+        expired += [
+            table.c.window.like(f"{period}:%") & (table.c.window < first_kept)
+            for period, first_kept in expired_before(now_us).items()
+        ]
         try:
             with self._engine.begin() as conn:
-                return int(conn.execute(statement).rowcount)
+                return int(conn.execute(table.delete().where(or_(*expired))).rowcount)
         except SQLAlchemyError:
             return 0  # counting goes on; the next purge tries again
 

@@ -18,11 +18,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, insert, select
 
-from stampd.access import verify_password
+from stampd.access import Credentials, verify_password
 from stampd.cli.main import cli
 from stampd.config import load_config
+from stampd.errors import Unauthorized
 from stampd.records.schema import subscribers, tokens
 from stampd.records.store import RecordStore
+from stampd.records.subscribers import SubscriberStore
 
 PASSWORD = "a long enough basic password"
 
@@ -250,3 +252,166 @@ def test_usage_report(config: str) -> None:
     bad = invoke(config, "usage", "report", "--from", "yesterday", "--to", "2026-11-01")
     assert bad.exit_code == 2
     assert "--from" in bad.output
+
+
+def events_of(config: str, name: str) -> list[dict[str, object]]:
+    store = RecordStore(load_config(config).records.url, create=False)
+    found = [e for e in store.events() if e["kind"].startswith("subscriber.") and e["detail"]["name"] == name]
+    store.close()
+    return found
+
+
+def test_update_changes_only_what_is_given_and_records_what_changed(config: str, tsa: Path) -> None:
+    """SPEC issue 6 (subscribers): `update` replaces the lists it is given, keeps the rest, and records a chained
+    `subscriber.updated` event naming the changed fields, with no secret and no hash of one."""
+    added = ok(config, "subscribers", "add", "upd", "--token", "--ip", "192.0.2.64/26", "--quota", "10/day")
+    token_hash = row(config, "upd")["token_sha256"]
+    changed = ok(
+        config, "subscribers", "update", "upd", "--ip", "2001:db8:64::/48", "--ip", "198.51.100.64/26",
+        "--quota", "5/hour", "--quota", "100/month", "--rate", "3/s", "--tsu", "default",
+    )  # fmt: skip
+    assert changed.output == "subscriber upd updated: networks, quotas, rate_per_s, tsus\n"
+    details = json.loads(ok(config, "subscribers", "show", "upd", "--json").output)
+    assert details["networks"] == ["2001:db8:64::/48", "198.51.100.64/26"]
+    assert details["quotas"] == ["5/hour", "100/month"]
+    assert (details["rate_per_s"], details["tsus"]) == (3, ["default"])
+    assert row(config, "upd")["token_sha256"] == token_hash  # not given: kept
+    assert added.output.splitlines()[-1] not in changed.output
+    again = ok(config, "subscribers", "update", "upd", "--quota", "100/month", "--quota", "5/hour", "--all-tsus")
+    assert again.output == "subscriber upd updated: tsus\n"  # the same quotas in another order change nothing
+    assert ok(config, "subscribers", "update", "upd", "--all-tsus").output == "subscriber upd unchanged\n"
+    removed = ok(config, "subscribers", "update", "upd", "--no-quota", "--no-rate")
+    assert removed.output == "subscriber upd updated: quotas, rate_per_s\n"
+    details = json.loads(ok(config, "subscribers", "show", "upd", "--json").output)
+    assert (details["quotas"], details["rate_per_s"], details["tsus"]) == ([], None, None)
+    updates = [e for e in events_of(config, "upd") if e["kind"] == "subscriber.updated"]
+    assert [e["detail"] for e in updates] == [
+        {
+            "name": "upd",
+            "changed": ["networks", "quotas", "rate_per_s", "tsus"],
+            "networks": ["2001:db8:64::/48", "198.51.100.64/26"],
+            "quotas": ["5/hour", "100/month"],
+            "rate_per_s": 3,
+            "tsus": ["default"],
+        },
+        {"name": "upd", "changed": ["tsus"], "tsus": None},  # the unchanged update recorded nothing
+        {"name": "upd", "changed": ["quotas", "rate_per_s"], "quotas": [], "rate_per_s": None},
+    ]
+    assert "Audit: OK" in ok(config, "audit", "verify").output
+
+
+def test_update_token_prints_a_new_one_once_and_the_old_one_stops_working(config: str, tsa: Path) -> None:
+    """SPEC issue 6 (subscribers): a new API token replaces the old one; only its hash is stored, the event says
+    only that there is a token."""
+    old = ok(config, "subscribers", "add", "rotated", "--token").output.splitlines()[-1]
+    updated = ok(config, "subscribers", "update", "rotated", "--token")
+    lines = updated.output.splitlines()
+    assert lines[0] == "subscriber rotated updated: token"
+    new = lines[-1]
+    assert re.fullmatch(r"stampd_[A-Za-z0-9_-]{43}", new) and new != old
+    assert row(config, "rotated")["token_sha256"] == hashlib.sha256(new.encode()).digest()
+    assert new.encode() not in database_bytes(tsa)
+    store = SubscriberStore(load_config(config).records.url)
+    directory = store.load_directory()
+    store.close()
+    found = directory.identify(Credentials(bearer=new))
+    assert found is not None and found.name == "rotated"
+    with pytest.raises(Unauthorized, match="unknown API token"):
+        directory.identify(Credentials(bearer=old))
+    event = events_of(config, "rotated")[-1]
+    assert event["detail"] == {"name": "rotated", "changed": ["token"], "token": True}
+    assert hashlib.sha256(new.encode()).hexdigest() not in json.dumps(event)
+    ok(config, "subscribers", "update", "rotated", "--no-token", "--ip", "203.0.113.200")
+    assert row(config, "rotated")["token_sha256"] is None
+    assert events_of(config, "rotated")[-1]["detail"] == {
+        "name": "rotated",
+        "changed": ["networks", "token"],
+        "networks": ["203.0.113.200/32"],
+        "token": False,
+    }
+
+
+def test_update_basic_credentials(config: str, tsa: Path, tmp_path: Path) -> None:
+    """SPEC issue 6 (subscribers): a new basic user and password, a new password for the same user, removal; the
+    password and its hash never appear in an event."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text(PASSWORD + "\n")
+    second.write_text("another long basic password\n")
+    ok(config, "subscribers", "add", "basic", "--ip", "203.0.113.201")
+    ok(config, "subscribers", "update", "basic", "--basic-user", "basic-1", "--password-file", str(first))
+    assert row(config, "basic")["basic_user"] == "basic-1"
+    assert verify_password(PASSWORD, str(row(config, "basic")["basic_hash"]))
+    renewed = ok(config, "subscribers", "update", "basic", "--password-file", str(second))
+    assert renewed.output == "subscriber basic updated: basic\n"
+    stored = row(config, "basic")
+    assert stored["basic_user"] == "basic-1"  # the same user, a new password
+    assert verify_password("another long basic password", str(stored["basic_hash"]))
+    assert not verify_password(PASSWORD, str(stored["basic_hash"]))
+    typed = f"{PASSWORD}\n{PASSWORD}\n"
+    prompted = ok(config, "subscribers", "update", "basic", "--basic-user", "basic-2", stdin=typed)
+    assert PASSWORD not in prompted.output
+    assert row(config, "basic")["basic_user"] == "basic-2"
+    ok(config, "subscribers", "update", "basic", "--no-basic")
+    assert (row(config, "basic")["basic_user"], row(config, "basic")["basic_hash"]) == (None, None)
+    updates = [e["detail"] for e in events_of(config, "basic") if e["kind"] == "subscriber.updated"]
+    assert [u["basic_user"] for u in updates] == ["basic-1", "basic-1", "basic-2", None]
+    assert all(u["changed"] == ["basic"] for u in updates)
+    assert "scrypt" not in json.dumps(updates) and PASSWORD not in json.dumps(updates)
+    lone = invoke(config, "subscribers", "update", "basic", "--password-file", str(first))
+    assert lone.exit_code == 2
+    assert "has no basic user: give --basic-user" in lone.output
+    assert "Audit: OK" in ok(config, "audit", "verify").output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--ip", "10.9.0.0/16", "--no-ip"), "--ip and --no-ip contradict each other"),
+        (("--token", "--no-token"), "--token and --no-token contradict each other"),
+        (("--basic-user", "u", "--no-basic"), "--basic-user and --no-basic contradict each other"),
+        (("--quota", "1/day", "--no-quota"), "--quota and --no-quota contradict each other"),
+        (("--rate", "1/s", "--no-rate"), "--rate and --no-rate contradict each other"),
+        (("--tsu", "default", "--all-tsus"), "--tsu and --all-tsus contradict each other"),
+        ((), "nothing to change"),
+        (("--quota", "1/fortnight"), "unknown quota period 'fortnight'"),
+        (("--tsu", "defualt"), "defualt: no such TSU in"),
+        (("--basic-user", "a:b"), "has no ':'"),
+    ],
+)
+def test_update_refuses_contradictions_and_bad_values(config: str, args: tuple[str, ...], message: str) -> None:
+    """SPEC issue 6 (subscribers): a refused update names the options and changes nothing."""
+    if invoke(config, "subscribers", "show", "steady").exit_code != 0:
+        ok(config, "subscribers", "add", "steady", "--ip", "10.8.0.0/16", "--quota", "7/day")
+    before = row(config, "steady")
+    refused = invoke(config, "subscribers", "update", "steady", *args)
+    assert refused.exit_code == 2, refused.output
+    assert message in refused.output
+    assert row(config, "steady") == before
+
+
+def test_update_refuses_identifiers_of_others_and_leaving_none(config: str, tmp_path: Path) -> None:
+    """SPEC issue 6 (subscribers): the same identifier rules as `add`, and a subscriber keeps some identifier."""
+    _certificate(tmp_path / "owned.pem")
+    ok(config, "subscribers", "add", "owner", "--ip", "10.20.0.0/16", "--basic-user", "owner-user",
+       "--password-file", str(_password_file(tmp_path)), "--cert", str(tmp_path / "owned.pem"))  # fmt: skip
+    ok(config, "subscribers", "add", "claimant", "--ip", "10.21.0.0/16")
+    before = row(config, "claimant")
+    for args, message in [
+        (("--ip", "10.20.0.0/16"), "the network 10.20.0.0/16 is already used by subscriber owner"),
+        (("--basic-user", "owner-user", "--password-file", str(_password_file(tmp_path))), "the basic user"),
+        (("--cert", str(tmp_path / "owned.pem")), "the certificate with SHA-256"),
+        (("--no-ip",), "subscriber claimant would have no identifier left"),
+    ]:
+        refused = invoke(config, "subscribers", "update", "claimant", *args)
+        assert refused.exit_code == 1, refused.output
+        assert message in refused.output
+        assert row(config, "claimant") == before
+    assert not [e for e in events_of(config, "claimant") if e["kind"] == "subscriber.updated"]
+    missing = invoke(config, "subscribers", "update", "nobody", "--no-rate")
+    assert (missing.exit_code, missing.output) == (1, "no subscriber nobody\n")
+
+
+def _password_file(directory: Path) -> Path:
+    path = directory / "password"
+    path.write_text(PASSWORD + "\n")
+    return path

@@ -210,6 +210,34 @@ def test_swapped_tokens_are_out_of_order(store: RecordStore, url: str, path: Pat
     )
 
 
+@pytest.mark.parametrize("first", [1, 3, 19])
+def test_swapped_neighbours_are_out_of_order(store: RecordStore, url: str, path: Path, first: int) -> None:
+    """Two neighbours exchange places: the entry now first was recorded after the one now right behind it, so
+    the report must not take it for an edit (seq 1 included: it follows the genesis hash)."""
+    filled(store)
+    with db(path) as conn:
+        for old, new in ((first, -1), (first + 1, first), (-1, first + 1)):
+            conn.execute("UPDATE tokens SET seq = ? WHERE seq = ?", (new, old))
+    problem = only_problem(audit(url))
+    assert problem == (
+        f"tokens chain {store.chain_id} seq {first} (serial 0x{first + 1:x}): "
+        f"out of order (this entry was recorded at seq {first + 1})"
+    )
+
+
+def test_edited_entry_after_its_neighbour_is_not_out_of_order(store: RecordStore, url: str, path: Path) -> None:
+    """Swapped neighbours whose moved entry was also edited: no seq recomputes its hash, so it is an edit."""
+    filled(store)
+    with db(path) as conn:
+        for old, new in ((3, -1), (4, 3), (-1, 4)):
+            conn.execute("UPDATE tokens SET seq = ? WHERE seq = ?", (new, old))
+        conn.execute("UPDATE tokens SET requester = '192.0.2.1' WHERE seq = 3")
+    problem = only_problem(audit(url))
+    assert problem == (
+        f"tokens chain {store.chain_id} seq 3 (serial 0x4): edited (it no longer links to the entry before it)"
+    )
+
+
 def test_forged_insertion_is_named(store: RecordStore, url: str, path: Path) -> None:
     """A forger who knows the hash function inserts a well-formed entry after seq 10 and renumbers the rest."""
     filled(store)

@@ -7,6 +7,7 @@ import asyncio
 import multiprocessing
 import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ from sqlalchemy import create_engine, insert
 from stampd.access import Quota, Reservation, Subscriber
 from stampd.errors import RecordingError, TooManyRequests
 from stampd.records.migrate import upgrade
-from stampd.records.schema import tokens
+from stampd.records.schema import tokens, usage_counters
 from stampd.records.store import RecordStore
-from stampd.records.usage import SqlUsageLedger, UsageRow, open_usage_ledger, usage_report
+from stampd.records.usage import SqlUsageLedger, UsageRow, expired_before, open_usage_ledger, usage_report
 
 NOW = 1_795_305_570_250_000
 """2026-11-21T23:59:30.25Z"""
@@ -114,6 +115,62 @@ def test_old_rate_windows_are_purged(url: str) -> None:
     asyncio.run(attempts(ledger, subscriber, [NOW, NOW + S, NOW + 120 * S]))
     asyncio.run(ledger.close())  # waits for the purge
     assert SqlUsageLedger(url).counts("erin") == {"day:2026-11-21": 2, "day:2026-11-22": 1, "s:1795305690": 1}
+
+
+def test_expired_calendar_windows_are_purged_but_never_total(url: str) -> None:
+    """SPEC issue 6 (quotas): hour, day and month counters are deleted once their window ended at least one whole
+    window ago (a release may still come for the window that just ended); ``total`` stays for good."""
+    kept = {
+        "hour:2026-11-21T22": 4,  # the previous hour: ended 30 s ago
+        "hour:2026-11-21T23": 5,
+        "day:2026-11-20": 6,
+        "day:2026-11-21": 7,
+        "month:2026-10": 8,
+        "month:2026-11": 9,
+        "total": 10,
+        "s:1795305568": 1,  # two seconds ago
+    }
+    expired = {"hour:2026-11-21T21": 1, "hour:2025-12-31T23": 1, "day:2026-11-19": 1, "month:2026-09": 1,
+               "month:2025-12": 1, "s:1795305567": 1}  # fmt: skip
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(usage_counters),
+            [{"subscriber": "old", "window": w, "count": c} for w, c in {**kept, **expired}.items()],
+        )
+    engine.dispose()
+    ledger = SqlUsageLedger(url)
+    asyncio.run(ledger.reserve(Subscriber("new", quotas=(Quota(1, "total"),)), NOW))  # the first one purges
+    asyncio.run(ledger.close())  # waits for the purge
+    assert SqlUsageLedger(url).counts("old") == kept
+
+
+@pytest.mark.parametrize(
+    ("instant", "expected"),
+    [
+        ("2026-11-21T23:59:30", {"hour": "hour:2026-11-21T22", "day": "day:2026-11-20", "month": "month:2026-10"}),
+        ("2026-01-01T00:00:00", {"hour": "hour:2025-12-31T23", "day": "day:2025-12-31", "month": "month:2025-12"}),
+        ("2024-03-01T00:30:00", {"hour": "hour:2024-02-29T23", "day": "day:2024-02-29", "month": "month:2024-02"}),
+    ],
+)
+def test_the_first_window_kept_is_the_previous_one(instant: str, expected: dict[str, str]) -> None:
+    now_us = int(datetime.fromisoformat(instant).replace(tzinfo=UTC).timestamp()) * S
+    assert expired_before(now_us) == expected
+
+
+def test_a_changed_quota_applies_to_the_current_windows_count(ledger: SqlUsageLedger) -> None:
+    """SPEC issue 6 (quotas): `stampd subscribers update --quota` keeps the window's count; a limit lowered below
+    it refuses until the window resets, a raised one grants the difference."""
+    before = Subscriber("frank", quotas=(Quota(5, "day"),))
+    assert all(isinstance(o, Reservation) for o in asyncio.run(attempts(ledger, before, [NOW] * 3)))
+    lowered = Subscriber("frank", quotas=(Quota(2, "day"),))
+    assert asyncio.run(attempts(ledger, lowered, [NOW + S])) == [29]  # 28.75 s until midnight UTC
+    assert ledger.counts("frank") == {"day:2026-11-21": 3}
+    raised = Subscriber("frank", quotas=(Quota(4, "day"),))
+    outcomes = asyncio.run(attempts(ledger, raised, [NOW + S, NOW + S]))
+    assert outcomes == [Reservation("frank", ("day:2026-11-21",)), 29]
+    assert ledger.counts("frank") == {"day:2026-11-21": 4}
+    assert asyncio.run(attempts(ledger, lowered, [NOW + 30 * S])) == [Reservation("frank", ("day:2026-11-22",))]
 
 
 def test_a_batch_grants_what_fits_and_refuses_the_rest(ledger: SqlUsageLedger) -> None:
