@@ -165,20 +165,13 @@ class RecordStore:
         rows = [row for row, _ in batch]
         try:
             params, seq, entry = self._chained(rows)
-            self._check_sqlite_file()
-            if self._connection is None:
-                self._connection = self._engine.raw_connection()
-            cursor = self._connection.cursor()
-            try:
-                cursor.executemany(self._insert_sql, params)
-            finally:
-                cursor.close()
+            connection = self._execute_inserts(params)
         except Exception:
             self._rolled_back()
             self._settle(batch, self._commit(rows))
             self._flush()
             return
-        commit: Future[None] = self._committer.submit(self._connection.commit)
+        commit: Future[None] = self._committer.submit(connection.commit)
         self._in_flight = (commit, batch, seq, entry, started)
         asyncio.wrap_future(commit).add_done_callback(self._committed)
 
@@ -275,22 +268,27 @@ class RecordStore:
             log.warning("records: the %s chain head moved to seq %d after a lost commit", table.name, row.seq)
             head.advance(int(row.seq), bytes(row.entry_hash))
 
-    def _insert(self, params: list[Any]) -> None:
-        """One transaction of token inserts on the raw DB-API connection."""
+    def _execute_inserts(self, params: list[Any]) -> Any:
+        """Run the token INSERTs on the raw DB-API connection (opened if need be) and return it, uncommitted."""
         self._check_sqlite_file()
         if self._connection is None:
             self._connection = self._engine.raw_connection()
         cursor = self._connection.cursor()
         try:
             cursor.executemany(self._insert_sql, params)
-            self._connection.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._connection.rollback()
-            raise
         finally:
-            with contextlib.suppress(Exception):
-                cursor.close()
+            cursor.close()
+        return self._connection
+
+    def _insert(self, params: list[Any]) -> None:
+        """One transaction of token inserts on the raw DB-API connection."""
+        try:
+            self._execute_inserts(params).commit()
+        except BaseException:
+            if self._connection is not None:
+                with contextlib.suppress(Exception):
+                    self._connection.rollback()
+            raise
 
     def _discard_connection(self) -> None:
         if self._connection is not None:

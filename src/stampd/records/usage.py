@@ -34,6 +34,7 @@ from stampd.access import Period, Quota, Reservation, Subscriber, usage_limits
 from stampd.access import over_limit as _over_limit
 from stampd.errors import RecordingError
 from stampd.records.engine import open_engine
+from stampd.records.maintenance import open_at_head
 from stampd.records.schema import tokens, usage_counters
 
 if TYPE_CHECKING:
@@ -348,10 +349,7 @@ def usage_report(url: str, from_us: int, to_us: int, subscriber: str | None = No
     )
     if subscriber is not None:
         query = query.where(t.c.subscriber == subscriber)
-    try:
-        engine = open_engine(url, create=False, pooled=False)
-    except (SQLAlchemyError, ImportError, OSError) as e:
-        raise RecordingError(f"cannot open the records: {e}") from e
+    engine = open_at_head(url, "the usage report")
     try:
         with engine.connect() as conn:
             rows = conn.execute(query).all()
